@@ -1,0 +1,81 @@
+"""The MoA adapter: per attention layer a router and a personalized expert, plus the fusion
+MLP of the multimodal prompt. One nn.Module so that ComfyUI can load/offload it as a unit."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .experts import PersonalExpert
+from .fusion import FusionMLP
+from .router import Router
+from .unet_layers import LayerSpec, find_attention_layers, get_submodule
+
+BASE_SD15 = "sd15"
+IMAGE_ENCODER_CLIP_L14 = "clip_vit_l14"
+#: what each base expects of the text encoder output and of the image encoder's projected embeds
+BASE_DIMS = {BASE_SD15: {"text_dim": 768}}
+IMAGE_ENCODER_DIMS = {IMAGE_ENCODER_CLIP_L14: 768}
+
+
+@dataclass
+class AdapterConfig:
+    layers: list[LayerSpec]
+    expert: str = "lowrank"           # "full" or "lowrank"
+    rank: int = 64                    # ignored for "full"
+    base: str = BASE_SD15
+    image_encoder: str = IMAGE_ENCODER_CLIP_L14
+    text_dim: int = 768
+    image_dim: int = 768
+    fusion_hidden: int = 768
+    training: dict = field(default_factory=dict)
+
+
+def module_key(path: str) -> str:
+    # nn.ModuleDict keys cannot contain dots
+    return path.replace(".", "__")
+
+
+class MoALayerWeights(nn.Module):
+    def __init__(self, spec: LayerSpec, expert: str, rank: int) -> None:
+        super().__init__()
+        self.router = Router(spec.query_dim)
+        dims = {"to_q": (spec.query_dim, spec.inner_dim), "to_k": (spec.context_dim, spec.inner_dim),
+                "to_v": (spec.context_dim, spec.inner_dim), "to_out": (spec.inner_dim, spec.query_dim)}
+        self.expert = PersonalExpert(dims, mode=expert, rank=rank)
+
+
+class MoAAdapter(nn.Module):
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleDict({module_key(s.path): MoALayerWeights(s, config.expert, config.rank)
+                                     for s in config.layers})
+        self.fusion = FusionMLP(config.text_dim, config.image_dim, config.fusion_hidden)
+
+    @property
+    def specs(self) -> dict[str, LayerSpec]:
+        return {s.path: s for s in self.config.layers}
+
+    def layer(self, path: str) -> MoALayerWeights:
+        return self.layers[module_key(path)]
+
+
+def init_adapter_from_unet(diffusion_model: nn.Module, expert: str = "lowrank", rank: int = 64,
+                           seed: int = 0, **config: object) -> MoAAdapter:
+    """A fresh adapter for this UNet: personal == prior, routers favour the prior, fusion is
+    the identity on the text. The trainer starts here; tests use it as the exactness anchor."""
+    specs = find_attention_layers(diffusion_model)
+    if not specs:
+        raise ValueError("this model has no attention layers with to_q/to_k/to_v/to_out: not an SD1.5 UNet")
+    adapter = MoAAdapter(AdapterConfig(layers=specs, expert=expert, rank=rank, **config))
+    gen = torch.Generator().manual_seed(seed)
+    for spec in specs:
+        prior = get_submodule(diffusion_model, spec.path)
+        weights = adapter.layer(spec.path)
+        weights.router.reset_fresh(gen)
+        weights.expert.reset_fresh({"to_q": prior.to_q, "to_k": prior.to_k, "to_v": prior.to_v,
+                                    "to_out": prior.to_out[0]}, gen)
+    adapter.fusion.reset_fresh(gen)
+    return adapter

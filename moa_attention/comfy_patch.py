@@ -1,0 +1,145 @@
+"""The one module that knows ComfyUI's ModelPatcher: it installs MoA on a clone.
+
+Mechanism (chosen after measuring the alternatives, see the README's design notes):
+- attention modules are swapped with `add_object_patch`, because MoA needs the raw hidden
+  states and its own projections, which attn1/attn2 *replace* patches never see;
+- the adapter is a separate ModelPatcher in `additional_models`, so ComfyUI moves and
+  offloads its weights together with the UNet's;
+- a DIFFUSION_MODEL wrapper decides once per UNet call which rows are personalized;
+- an OUTER_SAMPLE wrapper starts a fresh router-map recording for every sampling run;
+- the controller is an attachment, where the router-map node finds it.
+The caller's model is never modified: everything happens on `model.clone()`.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import torch
+
+from .adapter import MoAAdapter
+from .adapter_io import check_adapter_fits
+from .call_state import STATE_KEY, MoASettings, SubjectBinding, build_call_state
+from .layer import MoAAttention
+from .router_maps import RouterRecorder
+from .unet_layers import LayerSpec, find_attention_layers
+
+log = logging.getLogger("comfyui-moa")
+
+KEY = "moa"
+#: strength above this adds nothing the renormalised share can still show, and invites abuse
+MAX_STRENGTH = 3.0
+
+
+def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, transformer_options=None):
+    """ComfyUI's attention kernel, looked up at call time: the prior uses whatever backend the
+    server was started with (--use-pytorch-cross-attention, xformers, ...), and so must MoA."""
+    from comfy.ldm.modules import attention as comfy_attn
+    kw: dict[str, Any] = {"attn_precision": attn_precision}
+    if transformer_options is not None:
+        kw["transformer_options"] = transformer_options
+    if mask is None:
+        return comfy_attn.optimized_attention(q, k, v, heads, **kw)
+    return comfy_attn.optimized_attention_masked(q, k, v, heads, mask, **kw)
+
+
+class MoAController:
+    """Per-patch state shared by the wrappers, the layers and the router-map node."""
+
+    def __init__(self, adapter: MoAAdapter, bindings: list[SubjectBinding], settings: MoASettings,
+                 adapter_name: str) -> None:
+        self.adapter = adapter
+        self.bindings = bindings
+        self.settings = settings
+        self.adapter_name = adapter_name
+        self.recorder = RouterRecorder()
+        self._warned_unmatched = False
+        self._matched_this_run = False
+
+    def outer_sample_wrapper(self, executor, *args, **kwargs):
+        self.recorder.reset()
+        self._warned_unmatched = False
+        self._matched_this_run = False
+        return executor(*args, **kwargs)
+
+    def diffusion_model_wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        state = build_call_state(context, transformer_options, self.bindings, self.settings,
+                                 self.recorder, (int(x.shape[-2]), int(x.shape[-1])))
+        if state is None:
+            self._maybe_warn(context, transformer_options)
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        self._matched_this_run = True
+        options = dict(transformer_options)
+        options[STATE_KEY] = state
+        return executor(x, timesteps, context, y, control, options, **kwargs)
+
+    def _maybe_warn(self, context, transformer_options) -> None:
+        if self._warned_unmatched or self._matched_this_run or context is None:
+            return
+        sigmas = transformer_options.get("sigmas")
+        if sigmas is not None and not self.settings.active_at(float(sigmas.reshape(-1)[0])):
+            return
+        if 0 not in (transformer_options.get("cond_or_uncond") or [0]):
+            return
+        self._warned_unmatched = True
+        log.warning("MoA (%s): no positive prompt in this batch is the one MoA Apply encoded, so no subject "
+                    "is applied. Connect MoA Apply's CONDITIONING output to the sampler's positive input.",
+                    self.adapter_name)
+
+
+def original_attention(model, spec_path: str) -> torch.nn.Module:
+    """The prior module at a path, even while this or another MoA patch holds it."""
+    obj = model.get_model_object(f"diffusion_model.{spec_path}")
+    while isinstance(obj, MoAAttention):
+        obj = obj.prior_module
+    return obj
+
+
+def model_attention_layers(model) -> list[LayerSpec]:
+    return find_attention_layers(model.get_model_object("diffusion_model"))
+
+
+def apply_moa(model, adapter: MoAAdapter, bindings: list[SubjectBinding], *, strength: float = 1.0,
+              start_percent: float = 0.0, end_percent: float = 1.0, hard_routing: bool = False,
+              adapter_name: str = "adapter"):
+    """Return a clone of `model` (a ComfyUI ModelPatcher) with MoA installed; `model` is untouched."""
+    import comfy.model_patcher
+    from comfy.patcher_extension import WrappersMP
+
+    if not 0.0 <= strength <= MAX_STRENGTH:
+        raise ValueError(f"strength must be in [0, {MAX_STRENGTH}], got {strength}")
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent} and {end_percent}")
+    specs = model_attention_layers(model)
+    check_adapter_fits(adapter, specs, adapter_name)
+
+    m = model.clone()
+    if m.get_attachment(KEY) is not None:
+        log.info("MoA: replacing the MoA patch already on this model with '%s'", adapter_name)
+        m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
+        m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)
+    sampling = m.get_model_object("model_sampling")
+    settings = MoASettings(strength=float(strength), hard=bool(hard_routing),
+                           sigma_start=float(sampling.percent_to_sigma(start_percent)),
+                           sigma_end=float(sampling.percent_to_sigma(end_percent)))
+    controller = MoAController(adapter, bindings, settings, adapter_name)
+
+    adapter_patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=m.load_device,
+                                                       offload_device=m.offload_device)
+    m.set_additional_models(KEY, [adapter_patcher])
+    for spec in specs:
+        prior = original_attention(m, spec.path)
+        m.add_object_patch(f"diffusion_model.{spec.path}",
+                           MoAAttention(prior, adapter.layer(spec.path), spec.path, attention=comfy_attention))
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, controller.diffusion_model_wrapper)
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, controller.outer_sample_wrapper)
+    m.set_attachments(KEY, controller)
+    # a clone that only differs by object patches would not be re-loaded when ComfyUI switches
+    # to it from an already-loaded sibling; a new uuid makes it load (and place the adapter) once
+    m.patches_uuid = uuid.uuid4()
+    return m
+
+
+def get_controller(model) -> MoAController | None:
+    return model.get_attachment(KEY) if hasattr(model, "get_attachment") else None

@@ -1,0 +1,104 @@
+"""The MoA attention layer: frozen prior + personalized expert, mixed per pixel by a router.
+
+    out = prior + share * (personal - prior)
+
+is the spec's r_prior * prior + r_personal * personal with r_prior = 1 - share, written so
+that share == 0 or personal == prior gives the prior bit for bit (the two-product form is
+off by ~1e-4 in fp32 because r_prior + r_personal != 1 after rounding).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .adapter import MoALayerWeights
+from .attention_fn import sdpa_attention
+from .call_state import STATE_KEY, CallState, layer_hw
+from .router import apply_strength, hard_route
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+class MoAAttention(nn.Module):
+    """Drop-in replacement for one ComfyUI CrossAttention module.
+
+    The prior's to_q/to_k/to_v/to_out are registered here first and under their usual names:
+    ComfyUI applies LoRAs by walking named_modules() (first name wins), other packs'
+    attention-replace patches call these attributes directly, and both must keep finding the
+    prior's own layers. The adapter weights are deliberately *not* registered: they live in
+    the adapter's own ModelPatcher, so ComfyUI loads/offloads them as one model and the
+    UNet's module tree and state dict stay what they were.
+    """
+
+    def __init__(self, prior: nn.Module, weights: MoALayerWeights, path: str,
+                 attention: AttentionFn = sdpa_attention) -> None:
+        super().__init__()
+        self.to_q = prior.to_q
+        self.to_k = prior.to_k
+        self.to_v = prior.to_v
+        self.to_out = prior.to_out
+        self.heads = prior.heads
+        self.dim_head = getattr(prior, "dim_head", prior.to_q.out_features // prior.heads)
+        self.attn_precision = getattr(prior, "attn_precision", None)
+        self.path = path
+        self.kind = path.rsplit(".", 1)[-1]
+        object.__setattr__(self, "prior_module", prior)
+        object.__setattr__(self, "moa", weights)
+        object.__setattr__(self, "attention", attention)
+
+    def _attend(self, q, k, v, mask, transformer_options):
+        return self.attention(q, k, v, self.heads, mask=mask, attn_precision=self.attn_precision,
+                              transformer_options=transformer_options)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, transformer_options: dict = {}) -> torch.Tensor:  # noqa: B006 (ComfyUI's signature)
+        # the prior, computed exactly as CrossAttention.forward computes it
+        q = self.to_q(x)
+        ctx = x if context is None else context
+        k = self.to_k(ctx)
+        v = self.to_v(value if value is not None else ctx)
+        prior_out = self.to_out(self._attend(q, k, v, mask, transformer_options))
+        state: CallState | None = transformer_options.get(STATE_KEY)
+        if state is None or mask is not None or value is not None:
+            return prior_out
+        return self.mix(x, q, k, v, prior_out, state, transformer_options)
+
+    def mix(self, x, q, k, v, prior_out, state: CallState, transformer_options: dict) -> torch.Tensor:
+        rows = state.rows
+        xr, prior_r = x[rows], prior_out[rows]
+        hw = layer_hw(x.shape[1], transformer_options, state.latent_hw)
+        share = apply_strength(self.moa.router(xr), state.settings.strength)
+        region = state.region_at(*hw, like=x)
+        if region is not None:
+            share = share * region
+        if state.settings.hard:
+            share = hard_route(share)
+        if state.recorder is not None:
+            state.recorder.record(self.path, share, hw, state.latent_index, state.latent_hw, state.latent_batch)
+
+        expert = self.moa.expert
+        self_attn = self.kind == "attn1"
+        pctx = xr if self_attn else state.personal_context.to(x.dtype)
+        kp = expert.project("to_k", pctx, self.to_k, k[rows] if self_attn else None)
+        vp = expert.project("to_v", pctx, self.to_v, v[rows] if self_attn else None)
+        to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
+
+        if not state.settings.hard:
+            qp = expert.project("to_q", xr, self.to_q, q[rows])
+            personal = expert.project("to_out", self._attend(qp, kp, vp, None, transformer_options), to_out)
+            mixed = prior_r + share.to(prior_r.dtype) * (personal - prior_r)
+            return prior_out.index_copy(0, rows, mixed)
+
+        # hard routing: the personalized expert runs only for the pixels routed to it
+        out = prior_out.clone()
+        qr = q[rows]
+        for i in range(rows.shape[0]):
+            sel = share[i, :, 0].nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            qp = expert.project("to_q", xr[i:i + 1, sel], self.to_q, qr[i:i + 1, sel])
+            attn = self._attend(qp, kp[i:i + 1], vp[i:i + 1], None, transformer_options)
+            out[rows[i], sel] = expert.project("to_out", attn, to_out)[0]
+        return out

@@ -1,0 +1,56 @@
+"""Find each subject's class word among the prompt's CLIP tokens.
+
+Works on token ids as ComfyUI's SD1.5 tokenizer produces them: a list of 77-token chunks
+(start token, up to 75 prompt tokens, end/padding), so a prompt longer than 77 tokens and
+prompt weighting like "(man:1.2)" (which changes weights, not ids) need no special case.
+A position is an index into the flattened chunks, i.e. the row of the encoded prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ClassWordError(ValueError):
+    """A subject's class word cannot be bound to the prompt; the message shows the tokens."""
+
+
+@dataclass(frozen=True)
+class WordTokens:
+    word: str
+    ids: tuple[int, ...]
+
+
+def flatten(chunks: list[list[int]]) -> list[int]:
+    return [t for chunk in chunks for t in chunk]
+
+
+def occurrences(chunks: list[list[int]], word: WordTokens) -> list[list[int]]:
+    """Every place the word's token sequence appears, as lists of flattened positions."""
+    ids = flatten(chunks)
+    n = len(word.ids)
+    if n == 0:
+        return []
+    return [list(range(i, i + n)) for i in range(len(ids) - n + 1) if tuple(ids[i:i + n]) == word.ids]
+
+
+def bind_subjects(chunks: list[list[int]], words: list[WordTokens],
+                  describe_tokens=None) -> list[list[int]]:
+    """Positions for each subject, in order. The k-th subject naming a word takes the word's
+    k-th occurrence, so "a man and a man" binds two "man" subjects left to right."""
+    used: dict[tuple[int, ...], int] = {}
+    bound = []
+    for word in words:
+        found = occurrences(chunks, word)
+        k = used.get(word.ids, 0)
+        if not found:
+            shown = describe_tokens(chunks) if describe_tokens else flatten(chunks)
+            raise ClassWordError(
+                f"the class word '{word.word}' is not in the prompt. Write it in the prompt (e.g. 'a photo of a "
+                f"{word.word} ...') or change the subject's class_word. The prompt's tokens are: {shown}")
+        if k >= len(found):
+            raise ClassWordError(
+                f"{k + 1} subjects use the class word '{word.word}' but the prompt names it only {len(found)} "
+                f"time(s). Mention '{word.word}' once per subject (e.g. 'a {word.word} and a {word.word}')")
+        used[word.ids] = k + 1
+        bound.append(found[k])
+    return bound

@@ -1,0 +1,22 @@
+"""The node classes of comfyui-moa, one file per concern; this module only collects them."""
+from .adapter_loader import MoAAdapterLoader
+from .apply import MoAApply
+from .common import register_model_folder
+from .router_maps import MoARouterMaps
+from .subject import MoASubject
+
+NODE_CLASS_MAPPINGS = {
+    "MoAAdapterLoader": MoAAdapterLoader,
+    "MoASubject": MoASubject,
+    "MoAApply": MoAApply,
+    "MoARouterMaps": MoARouterMaps,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MoAAdapterLoader": "MoA Adapter Loader",
+    "MoASubject": "MoA Subject",
+    "MoAApply": "MoA Apply",
+    "MoARouterMaps": "MoA Router Maps",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_model_folder"]

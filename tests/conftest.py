@@ -1,0 +1,203 @@
+"""Test harness: the real ComfyUI (in-process and as a headless server) on tiny SD1.5 models.
+
+- `comfy` (session): ComfyUI 0.3.75 from .dev/ComfyUI imported in-process, CPU, SDPA attention,
+  its built-in nodes registered, and this pack imported as the package `comfyui_moa`.
+- `tiny_model`: a 2-level SD1.5-architecture UNet (model_channels 32) built without files.
+- `models_base` (session): a ComfyUI base directory with real .safetensors files in models/.
+- `server` (session): ComfyUI's main.py on a free loopback port with the pack in custom_nodes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFY_DIR = Path(os.environ.get("MOA_COMFYUI_DIR", ROOT / ".dev" / "ComfyUI"))
+PACK_MODULE = "comfyui_moa"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _import_comfy():
+    if not (COMFY_DIR / "main.py").is_file():
+        pytest.exit(f"ComfyUI not found at {COMFY_DIR}; run `bash scripts/dev.sh test`", returncode=3)
+    if str(COMFY_DIR) not in sys.path:
+        sys.path.insert(0, str(COMFY_DIR))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.use_pytorch_cross_attention = True   # what the server runs with
+    import utils.extra_config  # noqa: F401  (must precede `nodes`, as in main.py)
+    import nodes
+    return nodes
+
+
+def _import_pack():
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
+    spec = importlib.util.spec_from_file_location(PACK_MODULE, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    import asyncio
+    nodes = _import_comfy()
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    pack = _import_pack()
+    return nodes, pack
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    return comfy[1]
+
+
+@pytest.fixture
+def tiny_unet_config():
+    from support.model_factory import tiny_unet_config
+    return tiny_unet_config(model_channels=32, levels=2, transformer_depth_middle=True)
+
+
+@pytest.fixture
+def tiny_model(comfy, tiny_unet_config):
+    from support.model_factory import build_sd15_model_patcher
+    return build_sd15_model_patcher(tiny_unet_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def models_base(tmp_path_factory, comfy):
+    """A ComfyUI base directory whose models/ holds the tiny real files; shared by all tests."""
+    from support.model_factory import prepare_models_tree
+    base = tmp_path_factory.mktemp("comfy_base")
+    info = prepare_models_tree(base)
+    (base / "custom_nodes").mkdir(exist_ok=True)
+    (base / "custom_nodes" / "comfyui-moa").symlink_to(ROOT, target_is_directory=True)
+    (base / "user" / "default").mkdir(parents=True, exist_ok=True)
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({
+        "Comfy.TutorialCompleted": True, "Comfy.Workflow.Persist": False,
+        "Comfy.Window.UnloadConfirmation": False, "Comfy.Notification.ShowVersionUpdates": False}))
+    import folder_paths
+    for kind in ("checkpoints", "clip_vision", "vae", "loras", "moa"):
+        folder_paths.add_model_folder_path(kind, str(base / "models" / kind), is_default=True)
+    return base, info
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """A real ComfyUI server process; graphs are posted to its HTTP API."""
+
+    def __init__(self, base: Path, log_path: Path) -> None:
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.client_id = uuid.uuid4().hex
+        self._log = open(log_path, "wb")
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(base), "--disable-auto-launch", "--use-pytorch-cross-attention",
+               "--database-url", "sqlite:///:memory:", "--disable-api-nodes"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def log_tail(self, chars: int = 6000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def request(self, path: str, body: dict | None = None, timeout: float = 30):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return json.loads(raw) if raw and r.headers.get_content_type() == "application/json" else raw
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.request("/system_stats", timeout=2)
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI not ready after {timeout}s:\n{self.log_tail()}")
+
+    def post(self, graph: dict) -> tuple[int, dict]:
+        """POST /prompt; returns (HTTP status, JSON body) without raising on 400."""
+        try:
+            return 200, self.request("/prompt", {"prompt": graph, "client_id": self.client_id})
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, graph: dict, timeout: float = 300) -> dict:
+        """Queue a graph and wait for it; returns its history entry (status + outputs)."""
+        code, body = self.post(graph)
+        if code != 200:
+            raise AssertionError(f"prompt rejected with HTTP {code}: {json.dumps(body)[:3000]}")
+        pid = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.request(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                if hist[pid]["status"].get("status_str") in ("success", "error"):
+                    return hist[pid]
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {pid} did not finish in {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self._log.close()
+
+
+def execution_error(entry: dict) -> dict | None:
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return data
+    return None
+
+
+@pytest.fixture(scope="session")
+def server(models_base, tmp_path_factory):
+    base, _ = models_base
+    srv = ComfyServer(base, tmp_path_factory.mktemp("server") / "comfyui.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    srv = item.funcargs.get("server") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(srv, ComfyServer):
+        report.sections.append(("ComfyUI server log (tail)", srv.log_tail()))
