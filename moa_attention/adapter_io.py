@@ -160,7 +160,11 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     path = Path(path)
     meta = read_adapter_metadata(path)
     config = _config_from_metadata(path, meta)
-    adapter = MoAAdapter(config)
+    try:
+        adapter = MoAAdapter(config)
+    except (RuntimeError, ValueError) as e:   # e.g. a negative rank or width in an edited header
+        raise _fail(path, f"its header metadata is incomplete or malformed ({type(e).__name__}: {e})",
+                    "Re-export the adapter with the MoA trainer") from None
     expected = {k: v.shape for k, v in file_state_dict(adapter).items()}
     tensors: dict[str, torch.Tensor] = {}
     try:
@@ -209,7 +213,8 @@ def check_adapter_fits(adapter: MoAAdapter, model_layers: list[LayerSpec], adapt
         p = differing[0]
         a, m = mine[p], theirs[p]
         detail.append(f"layer {p}: adapter expects query/context/inner width {a.query_dim}/{a.context_dim}/"
-                      f"{a.inner_dim}, model has {m.query_dim}/{m.context_dim}/{m.inner_dim}")
+                      f"{a.inner_dim}, {a.heads} heads, model has {m.query_dim}/{m.context_dim}/{m.inner_dim}, "
+                      f"{m.heads} heads")
     if only_adapter:
         detail.append(f"{len(only_adapter)} adapter layer(s) not in the model, e.g. {only_adapter[0]}")
     if only_model:

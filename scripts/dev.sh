@@ -109,7 +109,9 @@ cmd_test() {
   setup
   cd "$ROOT"
   set +e
-  "$PY" -m pytest "$@"
+  # tests/pytest.ini, not the repo root: the root is the node pack's own package
+  if [[ $# -eq 0 ]]; then set -- tests; fi
+  "$PY" -m pytest -c tests/pytest.ini --rootdir tests "$@"
   local rc=$?
   set -e
   if [[ $rc -eq 5 ]]; then

@@ -1,0 +1,236 @@
+"""The MoA patch on a real ComfyUI ModelPatcher (tiny SD1.5 UNet, in-process sampling)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+STEPS = 3
+CFG = 5.0
+
+
+@pytest.fixture
+def engine(pack):
+    from comfyui_moa.moa_attention import adapter, call_state, comfy_patch, layer
+    return adapter, call_state, comfy_patch, layer
+
+
+def conds(seed: int = 0, length: int = 77):
+    g = torch.Generator().manual_seed(seed)
+    plain = torch.randn(length, 768, generator=g)
+    neg = torch.randn(length, 768, generator=g)
+    return plain, [[plain[None].clone(), {}]], [[neg[None], {}]]
+
+
+def sample(comfy, model, positive, negative, batch: int = 1, seed: int = 7, hw: int = 16):
+    nodes = comfy[0]
+    latent = {"samples": torch.zeros(batch, 4, hw, hw)}
+    return nodes.common_ksampler(model, seed, STEPS, CFG, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def fresh_adapter(engine, model, expert="lowrank", seed=0):
+    adapter = engine[0]
+    return adapter.init_adapter_from_unet(model.get_model_object("diffusion_model"), expert=expert, rank=4, seed=seed)
+
+
+def force_router(ad, personal: bool, margin: float = 50.0):
+    for w in ad.layers.values():
+        w.router.fc2.weight.data.zero_()
+        w.router.fc2.bias.data = torch.tensor([-margin, margin] if personal else [margin, -margin])
+
+
+def perturb(ad, scale=0.3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for w in ad.layers.values():
+        for p in w.expert.parameters():
+            p.data.add_(torch.randn(p.shape, generator=g) * scale)
+    for p in ad.fusion.parameters():
+        p.data.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def bind(engine, plain, fused=None, region=None):
+    return [engine[1].SubjectBinding(plain=plain, fused=plain.clone() if fused is None else fused, region=region)]
+
+
+@pytest.mark.parametrize("expert", ["lowrank", "full"])
+@pytest.mark.parametrize("routing", ["soft", "hard"])
+def test_fresh_adapter_is_bit_identical_whatever_the_router_says(comfy, engine, tiny_model, expert, routing):
+    plain, pos, neg = conds()
+    base = sample(comfy, tiny_model, pos, neg)
+    ad = fresh_adapter(engine, tiny_model, expert)
+    force_router(ad, personal=True)
+    fused = plain.clone()
+    fused[3] += 1.0                      # even a fused token: a fresh fusion MLP is not used here
+    patched = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), hard_routing=routing == "hard")
+    out = sample(comfy, patched, pos, neg)
+    assert torch.equal(out, base)
+    rec = patched.get_attachment("moa").recorder
+    assert len(rec.layers) == 2 * 7      # the personalized expert really ran in all 14 layers
+    assert rec.average().min().item() == pytest.approx(1.0)
+
+
+def test_strength_zero_and_prior_router_reproduce_the_base_model(comfy, engine, tiny_model):
+    plain, pos, neg = conds()
+    base = sample(comfy, tiny_model, pos, neg)
+    ad = fresh_adapter(engine, tiny_model)
+    perturb(ad)
+    force_router(ad, personal=True)
+    moa = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
+    changed = sample(comfy, moa, pos, neg)
+    assert (changed - base).abs().max() > 1e-2, "a perturbed adapter must change the result"
+
+    zero = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), strength=0.0)
+    assert (sample(comfy, zero, pos, neg) - base).abs().max().item() <= 1e-6
+
+    force_router(ad, personal=False)
+    prior = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
+    assert (sample(comfy, prior, pos, neg) - base).abs().max().item() <= 1e-6
+
+
+def test_schedule_window_outside_the_run_is_the_base_model(comfy, engine, tiny_model):
+    plain, pos, neg = conds()
+    base = sample(comfy, tiny_model, pos, neg)
+    ad = fresh_adapter(engine, tiny_model)
+    perturb(ad)
+    force_router(ad, personal=True)
+    late = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), start_percent=0.0, end_percent=0.0)
+    assert torch.equal(sample(comfy, late, pos, neg), base)
+    partial = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), start_percent=0.5, end_percent=1.0)
+    full = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
+    out_partial, out_full = sample(comfy, partial, pos, neg), sample(comfy, full, pos, neg)
+    assert not torch.equal(out_partial, base) and not torch.equal(out_partial, out_full)
+
+
+def test_unmatched_prompt_runs_the_prior_and_warns(comfy, engine, tiny_model, caplog):
+    plain, pos, neg = conds()
+    other, pos_other, _ = conds(seed=5)
+    base = sample(comfy, tiny_model, pos_other, neg)
+    ad = fresh_adapter(engine, tiny_model)
+    perturb(ad)
+    force_router(ad, personal=True)
+    moa = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
+    with caplog.at_level("WARNING", logger="comfyui-moa"):
+        out = sample(comfy, moa, pos_other, neg)
+    assert torch.equal(out, base)
+    assert "Connect MoA Apply's CONDITIONING output" in caplog.text
+
+
+def test_uncond_rows_and_other_batch_rows_stay_prior(comfy, engine, tiny_model):
+    """Batch of 2 latents; router maps show both cond rows personalized, and a negative prompt
+    equal to the positive one is still treated as uncond (never personalized)."""
+    plain, pos, neg = conds()
+    ad = fresh_adapter(engine, tiny_model)
+    force_router(ad, personal=True)
+    moa = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
+    sample(comfy, moa, pos, neg, batch=2)
+    maps = moa.get_attachment("moa").recorder.average()
+    assert maps.shape == (2, 16, 16)
+    assert torch.allclose(maps, torch.ones_like(maps))
+
+
+def test_region_mask_keeps_the_layer_output_outside_exactly_prior(engine, tiny_model):
+    """Per layer, pixels outside the region get the prior's output bit for bit; inside they change."""
+    adapter, call_state, comfy_patch, layer = engine
+    ad = fresh_adapter(engine, tiny_model)
+    perturb(ad)
+    force_router(ad, personal=True)
+    dm = tiny_model.get_model_object("diffusion_model")
+    spec = next(s for s in adapter.find_attention_layers(dm) if s.kind == "attn2")
+    prior = comfy_patch.original_attention(tiny_model, spec.path)
+    moa_layer = layer.MoAAttention(prior, ad.layer(spec.path), spec.path)
+    h = w = 8
+    x = torch.randn(2, h * w, spec.query_dim)
+    ctx = torch.randn(2, 77, 768)
+    region = torch.zeros(h, w)
+    region[:, : w // 2] = 1.0
+    state = call_state.CallState(rows=torch.tensor([0, 1]), personal_context=ctx + 1.0,
+                                 regions=region[None, None].repeat(2, 1, 1, 1), latent_index=[0, 1],
+                                 settings=call_state.MoASettings(), recorder=None, latent_hw=(h, w), latent_batch=2)
+    opts = {"activations_shape": [2, spec.query_dim, h, w]}
+    with torch.no_grad():
+        ref = prior(x, context=ctx)
+        out = moa_layer(x, context=ctx, transformer_options={call_state.STATE_KEY: state, **opts})
+    inside = region.flatten().bool()
+    assert torch.equal(out[:, ~inside], ref[:, ~inside])
+    assert (out[:, inside] - ref[:, inside]).abs().max() > 1e-3
+
+
+def test_no_leakage_between_clones_and_the_original(comfy, engine, tiny_model):
+    plain, pos, neg = conds()
+    base = sample(comfy, tiny_model, pos, neg)
+    ad_a, ad_b = fresh_adapter(engine, tiny_model, seed=1), fresh_adapter(engine, tiny_model, seed=2)
+    perturb(ad_a, seed=1)
+    perturb(ad_b, seed=2)
+    force_router(ad_a, True)
+    force_router(ad_b, True)
+    a = engine[2].apply_moa(tiny_model, ad_a, bind(engine, plain))
+    b = engine[2].apply_moa(tiny_model, ad_b, bind(engine, plain))
+    out_a, out_b = sample(comfy, a, pos, neg), sample(comfy, b, pos, neg)
+    assert not torch.equal(out_a, out_b)
+    assert torch.equal(sample(comfy, tiny_model, pos, neg), base)       # original after patched runs
+    assert torch.equal(sample(comfy, a, pos, neg), out_a)               # interleaved clones don't interfere
+    assert torch.equal(sample(comfy, b, pos, neg), out_b)
+    assert tiny_model.object_patches == {} and tiny_model.get_attachment("moa") is None
+    # chaining: MoA on a MoA model replaces the first patch instead of stacking it
+    ab = engine[2].apply_moa(a, ad_b, bind(engine, plain))
+    assert torch.equal(sample(comfy, ab, pos, neg), out_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(comfy, engine, tiny_unet_config, dtype):
+    from support.model_factory import build_sd15_model_patcher
+    model = build_sd15_model_patcher(tiny_unet_config, seed=0, dtype=dtype)
+    plain, pos, neg = conds()
+    base = sample(comfy, model, pos, neg)
+    ad = fresh_adapter(engine, model)                     # fp32 adapter on a half model
+    force_router(ad, True)
+    assert torch.equal(sample(comfy, engine[2].apply_moa(model, ad, bind(engine, plain)), pos, neg), base)
+    perturb(ad, scale=0.05)
+    out = sample(comfy, engine[2].apply_moa(model, ad, bind(engine, plain)), pos, neg)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+
+
+def lora_for(model, rank=2, scale=0.5, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, value in model.model.diffusion_model.state_dict().items():
+        if key.endswith(("attn1.to_q.weight", "attn2.to_v.weight")):
+            stem = "diffusion_model." + key[: -len(".weight")]
+            sd[f"{stem}.lora_up.weight"] = torch.randn(value.shape[0], rank, generator=g) * scale
+            sd[f"{stem}.lora_down.weight"] = torch.randn(rank, value.shape[1], generator=g) * scale
+    return sd
+
+
+def test_lora_before_or_after_moa_still_applies(comfy, engine, tiny_model, caplog):
+    from comfy.sd import load_lora_for_models
+    plain, pos, neg = conds()
+    base = sample(comfy, tiny_model, pos, neg)
+    lora = lora_for(tiny_model)
+    with caplog.at_level("WARNING"):
+        lora_only, _ = load_lora_for_models(tiny_model, None, lora, 1.0, 0.0)
+        ref = sample(comfy, lora_only, pos, neg)
+        assert not torch.equal(ref, base)
+        ad = fresh_adapter(engine, tiny_model)
+        perturb(ad)
+        force_router(ad, True)
+        before = engine[2].apply_moa(lora_only, ad, bind(engine, plain), strength=0.0)
+        assert torch.equal(sample(comfy, before, pos, neg), ref)
+        moa_zero = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), strength=0.0)
+        after, _ = load_lora_for_models(moa_zero, None, lora, 1.0, 0.0)
+        assert torch.equal(sample(comfy, after, pos, neg), ref)
+        # with MoA on, the LoRA still shapes the prior branch
+        on = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
+        on_lora, _ = load_lora_for_models(on, None, lora, 1.0, 0.0)
+        assert not torch.equal(sample(comfy, on_lora, pos, neg), sample(comfy, on, pos, neg))
+    assert "lora key not loaded" not in caplog.text.lower()
+
+
+def test_long_prompts_repeated_to_batch_length_are_recognised(comfy, engine, tiny_model):
+    """A 154-token positive batched with a 77-token negative: ComfyUI repeats the negative;
+    a 77-token positive next to a 154-token negative is repeated and must still match."""
+    plain, pos, _ = conds(length=77)
+    _, _, long_neg = conds(seed=9, length=154)
+    ad = fresh_adapter(engine, tiny_model)
+    force_router(ad, True)
+    moa = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
+    sample(comfy, moa, pos, long_neg)
+    assert moa.get_attachment("moa").recorder.layers, "the repeated 77-token prompt was not recognised"

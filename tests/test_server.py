@@ -1,0 +1,161 @@
+"""End to end through a real headless ComfyUI server with the pack in custom_nodes."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from support.graphs import base_graph, moa_graph, write_inputs
+from conftest import execution_error
+
+ADAPTER = "tiny_moa.safetensors"
+PROMPT = "a photo of a man at the beach"
+
+
+@pytest.fixture(scope="session")
+def server_inputs(models_base, comfy):
+    """Photos in input/ and an adapter for the tiny checkpoint in models/moa."""
+    base, _ = models_base
+    write_inputs(base / "input")
+    nodes, pack = comfy
+    from comfyui_moa.moa_attention.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.adapter_io import save_adapter
+    model = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[0]
+    adapter = init_adapter_from_unet(model.get_model_object("diffusion_model"), expert="lowrank", rank=4, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for w in adapter.layers.values():            # "trained-looking": personal != prior, router half-decided
+        for p in w.expert.parameters():
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.05)
+        w.router.fc2.bias.data = torch.tensor([0.0, 0.5])
+    save_adapter(adapter, base / "models" / "moa" / ADAPTER, overwrite=True)
+    return base
+
+
+def images_of(server, entry: dict, node: str) -> list[np.ndarray]:
+    out = []
+    for img in entry["outputs"][node]["images"]:
+        path = server.base / "output" / img["subfolder"] / img["filename"]
+        out.append(np.asarray(Image.open(path)))
+    return out
+
+
+def assert_success(entry: dict) -> None:
+    err = execution_error(entry)
+    assert entry["status"]["status_str"] == "success", f"execution failed: {err}"
+
+
+def test_classic_graph_runs_and_object_info_lists_the_pack(server, server_inputs):
+    entry = server.run(base_graph())
+    assert_success(entry)
+    (img,) = images_of(server, entry, "save")
+    assert img.shape == (64, 64, 3)
+
+    info = server.request("/object_info")
+    for node, display in [("MoAAdapterLoader", "MoA Adapter Loader"), ("MoASubject", "MoA Subject"),
+                          ("MoAApply", "MoA Apply"), ("MoARouterMaps", "MoA Router Maps")]:
+        assert node in info, f"{node} not registered"
+        assert info[node]["display_name"] == display
+        assert info[node]["category"] == "MoA"
+        assert info[node]["description"]
+        for section in ("required", "optional"):
+            for name, spec in info[node]["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+    assert ADAPTER in info["MoAAdapterLoader"]["input"]["required"]["adapter_name"][0]
+    page = server.request("/")
+    assert b"<html" in page.lower() if isinstance(page, bytes) else True
+
+
+def test_one_subject_samples_and_router_maps_have_the_image_shape(server, server_inputs):
+    g = moa_graph(ADAPTER, [{"image": "person.png", "mask": "person_mask.png", "word": "man"}], PROMPT)
+    entry = server.run(g)
+    assert_success(entry)
+    (img,) = images_of(server, entry, "save")
+    (overlay,) = images_of(server, entry, "save_maps")
+    (mask,) = images_of(server, entry, "save_mask")
+    assert img.shape == overlay.shape == mask.shape == (64, 64, 3)
+    share = mask[..., 0] / 255.0
+    # the router's share is ~softmax([0, 0.5]) = 0.62 for an untrained-looking adapter
+    assert 0.3 < share.mean() < 0.9
+
+
+def test_two_subjects_and_hard_routing(server, server_inputs):
+    subjects = [{"image": "person.png", "mask": "person_mask.png", "word": "man"},
+                {"image": "cat.png", "mask": "cat_mask.png", "word": "cat"}]
+    for routing in ("soft", "hard"):
+        entry = server.run(moa_graph(ADAPTER, subjects, "a man hugging a cat in a garden", routing=routing))
+        assert_success(entry)
+        (mask,) = images_of(server, entry, "save_mask")
+        assert mask.shape == (64, 64, 3)
+
+
+def test_strength_zero_gives_the_same_image_as_no_moa(server, server_inputs):
+    plain = server.run(base_graph(PROMPT, seed=11))
+    assert_success(plain)
+    g = moa_graph(ADAPTER, [{"image": "person.png", "mask": "person_mask.png", "word": "man"}], PROMPT,
+                  strength=0.0, seed=11, maps=False)
+    moa = server.run(g)
+    assert_success(moa)
+    (a,), (b,) = images_of(server, plain, "save"), images_of(server, moa, "save")
+    assert np.array_equal(a, b)
+    g["apply"]["inputs"]["strength"] = 1.0
+    on = server.run(g)
+    assert_success(on)
+    (c,) = images_of(server, on, "save")
+    assert not np.array_equal(a, c), "strength 1 must change the picture"
+
+
+ONE = [{"image": "person.png", "mask": "person_mask.png", "word": "man"}]
+
+
+def _bad(name):
+    g = moa_graph(ADAPTER, ONE, PROMPT, maps=False)
+    if name == "word not in prompt":
+        g["subject0"]["inputs"]["class_word"] = "giraffe"
+        return g, r"class word 'giraffe' is not in the prompt.*tokens are: \['a', 'photo', 'of', 'a', 'man'"
+    if name == "more subjects than words":
+        g = moa_graph(ADAPTER, ONE * 2, PROMPT, maps=False)
+        return g, r"2 subjects use the class word 'man' but the prompt names it only 1 time"
+    if name == "mask size differs":
+        g["subject0_mask"]["inputs"]["image"] = "cat_mask.png"
+        return g, r"mask size 451x300 differs from image size 512x512"
+    if name == "empty mask":
+        g["subject0_mask"]["inputs"]["image"] = "empty_mask.png"
+        return g, r"mask 1 of 1 is empty"
+    if name == "batch lengths differ":
+        g["rep_img"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["subject0_img", 0], "amount": 2}}
+        g["mask_img"] = {"class_type": "MaskToImage", "inputs": {"mask": ["subject0_mask", 0]}}
+        g["rep_mask"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["mask_img", 0], "amount": 3}}
+        g["mask3"] = {"class_type": "ImageToMask", "inputs": {"image": ["rep_mask", 0], "channel": "red"}}
+        g["subject0"]["inputs"]["image"] = ["rep_img", 0]
+        g["subject0"]["inputs"]["mask"] = ["mask3", 0]
+        return g, r"2 image\(s\) but 3 mask\(s\)"
+    if name == "missing adapter file":
+        g["adapter"]["inputs"]["adapter_name"] = "nope.safetensors"
+        return g, None          # rejected at validation (HTTP 400)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("case", ["word not in prompt", "more subjects than words", "mask size differs",
+                                  "empty mask", "batch lengths differ", "missing adapter file"])
+def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, server_inputs, case):
+    g, pattern = _bad(case)
+    if pattern is None:
+        code, body = server.post(g)
+        assert code == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
+        assert "nope.safetensors" in str(body["node_errors"])
+    else:
+        entry = server.run(g)
+        err = execution_error(entry)
+        assert entry["status"]["status_str"] == "error" and err is not None
+        import re
+        assert re.search(pattern, err["exception_message"]), err["exception_message"]
+    ok = copy.deepcopy(moa_graph(ADAPTER, ONE, PROMPT, maps=False, seed=hash(case) % 1000))
+    assert_success(server.run(ok))
+
+
+def test_all_ones_mask_is_allowed(server, server_inputs):
+    g = moa_graph(ADAPTER, [{"image": "person.png", "mask": "full_mask.png", "word": "man"}], PROMPT, maps=False)
+    assert_success(server.run(g))
