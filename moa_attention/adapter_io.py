@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .adapter import AdapterConfig, MoAAdapter, module_key
+from .adapter import IMAGE_ENCODER_DIMS, AdapterConfig, MoAAdapter, module_key
 from .unet_layers import LayerSpec
 
 FORMAT_NAME = "comfyui-moa"
@@ -86,11 +86,18 @@ def save_adapter(adapter: MoAAdapter, path: str | os.PathLike, *, dtype: torch.d
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata_of(adapter.config))
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; others (a ComfyUI service user) must read it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fail(path: Path, problem: str, fix: str) -> AdapterFileError:
@@ -107,6 +114,8 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
     except ValueError:
         raise _fail(path, f"unreadable format version {meta.get('moa.format_version')!r}",
                     "Re-export the adapter with the MoA trainer") from None
+    if version < 1:
+        raise _fail(path, f"invalid adapter format version {version}", "Re-export the adapter with the MoA trainer")
     if version > FORMAT_VERSION:
         raise _fail(path, f"written in adapter format {version}, this comfyui-moa reads up to {FORMAT_VERSION}",
                     "Update comfyui-moa (ComfyUI Manager > Update) to load it")
@@ -127,6 +136,10 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
     if config.expert not in ("full", "lowrank"):
         raise _fail(path, f"unknown expert kind {config.expert!r} (expected 'full' or 'lowrank')",
                     "Re-export the adapter with the MoA trainer")
+    known = IMAGE_ENCODER_DIMS.get(config.image_encoder)
+    if known is not None and known != config.image_dim:
+        raise _fail(path, f"image encoder {config.image_encoder} gives {known}-d features but the header says "
+                          f"{config.image_dim}", "Re-export the adapter with the MoA trainer")
     if config.text_dim != 768:
         raise _fail(path, f"text embedding width {config.text_dim}, SD1.5 uses 768 (an SDXL adapter?)",
                     "Use an adapter trained on an SD1.5 checkpoint")

@@ -148,7 +148,7 @@ def test_file_uses_documented_key_names_and_shapes(io, adapters, tmp_path):
     assert len(full) == n_layers * (4 + 5) + 6 and len(low) == n_layers * (4 + 8) + 6
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_save_round_trips_to_rounded_values(io, adapters, tmp_path, dtype):
     adapter = adapters["full"]
     path = io.save_adapter(adapter, tmp_path / "half.safetensors", dtype=dtype)
