@@ -199,7 +199,17 @@ def install_timers(bd: Breakdown, pack) -> None:
     timed(comfy_attn.CrossAttention, "forward", lambda s: "attention layers (whole forward)")
     timed(MoAAttention, "forward", lambda s: "attention layers (whole forward)")
     timed(Router, "forward", lambda s: "  router MLP")
-    timed(PersonalExpert, "project", lambda s: "  expert projections")
+    orig_project = PersonalExpert.project
+
+    def project(self, name, *a, **kw):
+        t0 = pc()
+        try:
+            return orig_project(self, name, *a, **kw)
+        finally:
+            dt = pc() - t0
+            bd.add("  expert projections", dt)
+            bd.add(f"    {name}", dt)
+    PersonalExpert.project = project
 
     # the attention kernel, looked up at call time by CrossAttention.forward and by MoA alike
     for fname in ("optimized_attention", "optimized_attention_masked"):
@@ -304,7 +314,8 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--personal-fraction", type=float, default=0.3, help="share of the image routed to the expert (hard)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up step of each configuration")
+    ap.add_argument("--warmup", choices=("all", "one", "none"), default="one",
+                    help="untimed warm-up steps: every configuration, the unpatched one only (default), or none")
     args = ap.parse_args()
     size = args.size or (128 if args.quick else 512)
     if size % 8:
@@ -360,10 +371,10 @@ def main() -> int:
     calls: list[dict] = []
 
     def apply_timer(executor, x, *a, **kw):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = executor(x, *a, **kw)
         topts = a[4] if len(a) > 4 else kw.get("transformer_options", {})
-        calls.append({"s": time.perf_counter() - t, "batch": int(x.shape[0]),
+        calls.append({"s": time.perf_counter() - t, "cpu": time.process_time() - c, "batch": int(x.shape[0]),
                       "cond_or_uncond": list(topts.get("cond_or_uncond") or [])})
         return out
 
@@ -392,6 +403,8 @@ def main() -> int:
             nodes.common_ksampler(configs[name], 42, args.steps, 7.0, "euler", "normal", positive, negative, latent_in)
         out["wall"] = time.perf_counter() - t
         out["unet"] = sum(c["s"] for c in calls)
+        out["unet_cpu"] = sum(c["cpu"] for c in calls)
+        out["load"] = os.getloadavg()[0]
         out["calls"] = list(calls)
         out["breakdown"] = dict(bd.t)
         out["routed"] = bd.routed[0] / bd.routed[1] if bd.routed[1] else None
@@ -404,8 +417,8 @@ def main() -> int:
     print(f"\n{len(names)} configurations x {args.repeats} repeats, {args.steps} step(s) each, "
           f"{size}x{size} px (latent {latent}x{latent}), batch 2 (cond+uncond), fp32, "
           f"{torch.get_num_threads()} threads, SDPA; load avg {os.getloadavg()[0]:.2f}", flush=True)
-    if not args.no_warmup:
-        for name in tqdm(names, desc="warm-up", file=sys.stdout, mininterval=0,
+    if args.warmup != "none":
+        for name in tqdm(names if args.warmup == "all" else names[:1], desc="warm-up", file=sys.stdout, mininterval=0,
                          disable=not sys.stdout.isatty()):
             r = run(name)
             tqdm.write(f"  warm-up {name:13s} unet {r['unet']:7.2f} s  wall {r['wall']:7.2f} s", file=sys.stdout)
@@ -417,7 +430,8 @@ def main() -> int:
             r = run(name)
             results[name].append(r)
             batches = sorted({c["batch"] for c in r["calls"]})
-            tqdm.write(f"  rep {rep + 1} {name:13s} unet {r['unet']:7.2f} s  wall {r['wall']:7.2f} s  "
+            tqdm.write(f"  rep {rep + 1} {name:13s} unet {r['unet']:7.2f} s  cpu {r['unet_cpu']:7.2f} s  "
+                       f"wall {r['wall']:7.2f} s  load {r['load']:.2f}  "
                        f"calls {len(r['calls'])} batch {batches}  peak +{human(r['rss_peak'] - r['rss_before'])}",
                        file=sys.stdout)
             bar.update(1)
@@ -427,12 +441,13 @@ def main() -> int:
     def best(name: str, key: str) -> float:
         return min(r[key] for r in results[name])
 
-    def per_step(name: str) -> float:
-        return min(r["unet"] / max(len(r["calls"]), 1) for r in results[name])
+    def per_step(name: str, key: str = "unet") -> float:
+        return min(r[key] / max(len(r["calls"]), 1) for r in results[name])
 
     def transient(name: str) -> int:
         return max(r["rss_peak"] - r["rss_before"] for r in results[name])
 
+    base_cpu = per_step("unpatched", "unet_cpu")
     base_step, base_wall, base_mem = per_step("unpatched"), best("unpatched", "wall"), transient("unpatched")
     first = results["unpatched"][0]["calls"]
     print(f"\nUNet calls per step: {len(first) // args.steps}, batch sizes {[c['batch'] for c in first]}, "
@@ -440,7 +455,7 @@ def main() -> int:
     print(f"memory: peak RSS growth during the step (after malloc_trim), "
           f"{'VmHWM via clear_refs' if mem.exact else 'psutil sampled every 5 ms'}; "
           f"overhead = extra peak vs unpatched + adapter resident bytes\n")
-    hdr = (f"{'config':13s} {'s/step (UNet)':>13s} {'ratio':>6s} {'target':>7s} {'wall s':>7s} "
+    hdr = (f"{'config':13s} {'s/step (UNet)':>13s} {'ratio':>6s} {'target':>7s} {'cpu s':>7s} {'cpu ratio':>9s} {'wall s':>7s} "
            f"{'peak +RSS':>10s} {'extra vs unp.':>13s} {'adapter':>10s} {'overhead/adapter':>16s} {'routed':>7s}")
     print(hdr)
     print("-" * len(hdr))
@@ -459,12 +474,16 @@ def main() -> int:
             mem_cols = f"{human(tr):>10s} {human(extra):>13s} {human(sizes[ex]):>10s} {over:>11.2f}x {flag:>4s}"
         tcol = f"<={target:.2f}" if target else ""
         flag = "" if not target else (" ok" if ratio <= target else " MISS")
-        print(f"{name:13s} {step:13.2f} {ratio:5.3f}x{flag:5s} {tcol:>6s} {best(name, 'wall'):7.2f} {mem_cols} "
+        cpu = per_step(name, "unet_cpu")
+        print(f"{name:13s} {step:13.2f} {ratio:5.3f}x{flag:5s} {tcol:>6s} {cpu:7.2f} {cpu / base_cpu:8.3f}x "
+              f"{best(name, 'wall'):7.2f} {mem_cols} "
               f"{(f'{100 * min(routed):.1f}%') if routed else '':>7s}")
 
-    print("\nwhere the time goes (seconds per UNet step, from the repeat with the smallest UNet time):")
+    print("\nwhere the time goes (wall seconds per UNet step, from the repeat with the smallest UNet time; "
+          "'cpu' ratios are process CPU time, less sensitive to other load on the machine):")
     keys = ["attention layers (whole forward)", "prior attention kernel", "MoA mix() total", "  mix() attn1",
-            "  mix() attn2", "  router MLP", "  expert projections", "  personal attention kernel"]
+            "  mix() attn2", "  router MLP", "  expert projections", "    to_q", "    to_k", "    to_v", "    to_out",
+            "  personal attention kernel"]
     print(f"{'':34s}" + "".join(f"{n:>14s}" for n in names))
     best_runs = {n: min(results[n], key=lambda r: r["unet"]) for n in names}
     for key in keys + ["  rest of mix() (index/mix/copy)", "rest of the UNet", "UNet total"]:

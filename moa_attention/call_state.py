@@ -69,6 +69,10 @@ class CallState:
     recorder: RouterRecorder | None
     latent_hw: tuple[int, int]
     latent_batch: int = 1
+    #: training only: layers append (path, share, subject attention maps or None) here
+    capture: list | None = None
+    #: training only: per personalized row, the token positions of each subject
+    subject_tokens: list[list[list[int]]] | None = None
     _region_cache: dict = field(default_factory=dict, repr=False)
 
     def region_at(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor | None:

@@ -21,6 +21,22 @@ from .router import apply_strength, hard_route
 AttentionFn = Callable[..., torch.Tensor]
 
 
+def self_attn_kind(kind: str) -> bool:
+    return kind == "attn1"
+
+
+def subject_attention_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
+                           subject_tokens: list[list[list[int]]]) -> list[list[torch.Tensor]]:
+    """Cross-attention probability of every pixel for each subject's tokens, head-averaged:
+    per row, per subject, [N]. Only the trainer's object loss asks for these."""
+    b, n, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
+    kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).float()
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1).mean(dim=1)   # [b, n, L]
+    return [[probs[r, :, pos].sum(dim=-1) for pos in subject_tokens[r]] for r in range(b)]
+
+
 class MoAAttention(nn.Module):
     """Drop-in replacement for one ComfyUI CrossAttention module.
 
@@ -75,6 +91,7 @@ class MoAAttention(nn.Module):
             share = share * region
         if state.settings.hard:
             share = hard_route(share)
+        capture_maps = state.capture is not None and not self_attn_kind(self.kind) and state.subject_tokens
         if state.recorder is not None:
             state.recorder.record(self.path, share, hw, state.latent_index, state.latent_hw, state.latent_batch)
 
@@ -89,6 +106,9 @@ class MoAAttention(nn.Module):
             qp = expert.project("to_q", xr, self.to_q, q[rows])
             personal = expert.project("to_out", self._attend(qp, kp, vp, None, transformer_options), to_out)
             mixed = prior_r + share.to(prior_r.dtype) * (personal - prior_r)
+            if state.capture is not None:
+                maps = subject_attention_maps(qp, kp, self.heads, state.subject_tokens) if capture_maps else None
+                state.capture.append((self.path, share, maps))
             return prior_out.index_copy(0, rows, mixed)
 
         # hard routing: the personalized expert runs only for the pixels routed to it
@@ -102,3 +122,21 @@ class MoAAttention(nn.Module):
             attn = self._attend(qp, kp[i:i + 1], vp[i:i + 1], None, transformer_options)
             out[rows[i], sel] = expert.project("to_out", attn, to_out)[0]
         return out
+
+
+def install_layers(diffusion_model: nn.Module, adapter, attention: AttentionFn = sdpa_attention):
+    """Swap MoA layers into a bare diffusion model (the trainer's path; ComfyUI's goes through
+    comfy_patch on a ModelPatcher clone). Returns a function that puts the originals back."""
+    from .unet_layers import get_submodule
+    swapped = []
+    for spec in adapter.config.layers:
+        parent_path, name = spec.path.rsplit(".", 1)
+        parent = get_submodule(diffusion_model, parent_path)
+        original = getattr(parent, name)
+        setattr(parent, name, MoAAttention(original, adapter.layer(spec.path), spec.path, attention))
+        swapped.append((parent, name, original))
+
+    def uninstall() -> None:
+        for parent, name, original in swapped:
+            setattr(parent, name, original)
+    return uninstall

@@ -4,6 +4,7 @@
   its built-in nodes registered, and this pack imported as the package `comfyui_moa`.
 - `tiny_model`: a 2-level SD1.5-architecture UNet (model_channels 32) built without files.
 - `models_base` (session): a ComfyUI base directory with real .safetensors files in models/.
+- `server_inputs` (session): photos + masks in the base's input/ and a tiny adapter in models/moa.
 - `server` (session): ComfyUI's main.py on a free loopback port with the pack in custom_nodes.
 """
 from __future__ import annotations
@@ -26,6 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 COMFY_DIR = Path(os.environ.get("MOA_COMFYUI_DIR", ROOT / ".dev" / "ComfyUI"))
 PACK_MODULE = "comfyui_moa"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the engine as a top-level package too (`python -m moa_attention.train` imports it so); appended,
+# because ComfyUI's own `nodes` module must win over this pack's `nodes/` folder
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 
 
 def _import_comfy():
@@ -94,6 +99,27 @@ def models_base(tmp_path_factory, comfy):
     for kind in ("checkpoints", "clip_vision", "vae", "loras", "moa"):
         folder_paths.add_model_folder_path(kind, str(base / "models" / kind), is_default=True)
     return base, info
+
+
+@pytest.fixture(scope="session")
+def server_inputs(models_base, comfy):
+    """Photos in input/ and an adapter for the tiny checkpoint in models/moa (shared by the server tests)."""
+    from support.graphs import ADAPTER, CHECKPOINT, write_inputs
+    import torch
+    base, _ = models_base
+    write_inputs(base / "input")
+    nodes, pack = comfy
+    from comfyui_moa.moa_attention.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.adapter_io import save_adapter
+    model = nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[0]
+    adapter = init_adapter_from_unet(model.get_model_object("diffusion_model"), expert="lowrank", rank=4, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for w in adapter.layers.values():            # "trained-looking": personal != prior, router half-decided
+        for p in w.expert.parameters():
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.05)
+        w.router.fc2.bias.data = torch.tensor([0.0, 0.5])
+    save_adapter(adapter, base / "models" / "moa" / ADAPTER, overwrite=True)
+    return base
 
 
 def _free_port() -> int:

@@ -5,33 +5,12 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from support.graphs import base_graph, moa_graph, write_inputs
+from support.graphs import ADAPTER, base_graph, moa_graph
 from conftest import execution_error
 
-ADAPTER = "tiny_moa.safetensors"
 PROMPT = "a photo of a man at the beach"
-
-
-@pytest.fixture(scope="session")
-def server_inputs(models_base, comfy):
-    """Photos in input/ and an adapter for the tiny checkpoint in models/moa."""
-    base, _ = models_base
-    write_inputs(base / "input")
-    nodes, pack = comfy
-    from comfyui_moa.moa_attention.adapter import init_adapter_from_unet
-    from comfyui_moa.moa_attention.adapter_io import save_adapter
-    model = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[0]
-    adapter = init_adapter_from_unet(model.get_model_object("diffusion_model"), expert="lowrank", rank=4, seed=0)
-    g = torch.Generator().manual_seed(0)
-    for w in adapter.layers.values():            # "trained-looking": personal != prior, router half-decided
-        for p in w.expert.parameters():
-            p.data.add_(torch.randn(p.shape, generator=g) * 0.05)
-        w.router.fc2.bias.data = torch.tensor([0.0, 0.5])
-    save_adapter(adapter, base / "models" / "moa" / ADAPTER, overwrite=True)
-    return base
 
 
 def images_of(server, entry: dict, node: str) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ from PIL import Image
 
 CHECKPOINT = "tiny_sd15.safetensors"
 CLIP_VISION = "tiny_clip_vision_vit_l14.safetensors"
+ADAPTER = "tiny_moa.safetensors"          # written into models/moa by the `server_inputs` fixture
 
 
 def write_inputs(input_dir: Path) -> dict[str, str]:

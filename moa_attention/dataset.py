@@ -1,0 +1,190 @@
+"""The trainer's dataset: a folder with `manifest.jsonl`, one training image per line.
+
+    {"image": "images/0001.png",
+     "caption": "a man and a dog in a park",
+     "subjects": [
+        {"class_word": "man", "mask": "masks/0001_man.png", "references": ["refs/0001_man_a.png"]},
+        {"class_word": "dog", "mask": "masks/0001_dog.png", "references": ["refs/0001_dog.png"],
+         "reference_masks": ["refs/0001_dog_mask.png"]}]}
+
+Paths are relative to the folder. `mask` is the subject's segmentation in `image` (white =
+subject, same size as the image). `references` are photos of the same subject (crops of this
+image or other photos of it); `reference_masks`, optional, remove their background.
+
+`python -m moa_attention.dataset DIR` checks every row and lists every problem with its line
+number before any training starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass
+class SubjectRecord:
+    class_word: str
+    mask: Path
+    references: list[Path]
+    reference_masks: list[Path] | None
+
+
+@dataclass
+class Record:
+    line: int
+    image: Path
+    caption: str
+    subjects: list[SubjectRecord]
+
+
+def _words(caption: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", caption.lower())
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+def _check_file(root: Path, rel: object, what: str, line: int, problems: list[Problem]) -> tuple[Path, tuple] | None:
+    if not isinstance(rel, str) or not rel:
+        problems.append(Problem(line, f"{what}: expected a relative file path, got {rel!r}"))
+        return None
+    path = root / rel
+    if not path.is_file():
+        problems.append(Problem(line, f"{what}: missing file {rel}"))
+        return None
+    try:
+        return path, _image_size(path)
+    except Exception as e:  # noqa: BLE001 (PIL raises many types for a bad file)
+        problems.append(Problem(line, f"{what}: unreadable image {rel} ({type(e).__name__}: {e})"))
+        return None
+
+
+def read_manifest(root: str | Path) -> tuple[list[Record], list[Problem]]:
+    """Every valid record and every problem (a row with any problem is not a record)."""
+    root = Path(root)
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        return [], [Problem(0, f"no {MANIFEST} in {root}")]
+    records, problems = [], []
+    for line_no, raw in enumerate(manifest.read_text().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        row_problems: list[Problem] = []
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(line_no, f"not valid JSON ({e.msg})"))
+            continue
+        if not isinstance(row, dict):
+            problems.append(Problem(line_no, "a row must be a JSON object"))
+            continue
+        caption = row.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            row_problems.append(Problem(line_no, "caption: missing or empty"))
+            caption = ""
+        image = _check_file(root, row.get("image"), "image", line_no, row_problems)
+        subjects_raw = row.get("subjects")
+        if not isinstance(subjects_raw, list) or not subjects_raw:
+            row_problems.append(Problem(line_no, "subjects: expected a non-empty list"))
+            subjects_raw = []
+        words = _words(caption)
+        subjects = []
+        for i, s in enumerate(subjects_raw, start=1):
+            label = f"subject {i}"
+            if not isinstance(s, dict):
+                row_problems.append(Problem(line_no, f"{label}: expected an object"))
+                continue
+            word = s.get("class_word")
+            if not isinstance(word, str) or not word.strip():
+                row_problems.append(Problem(line_no, f"{label}: class_word missing"))
+            elif word.lower() not in words:
+                row_problems.append(Problem(line_no, f"{label}: class word '{word}' not in caption {caption!r}"))
+            mask = _check_file(root, s.get("mask"), f"{label} mask", line_no, row_problems)
+            if mask and image and mask[1] != image[1]:
+                row_problems.append(Problem(line_no, f"{label} mask: size {mask[1][0]}x{mask[1][1]} differs from "
+                                                     f"image size {image[1][0]}x{image[1][1]}"))
+            refs_raw = s.get("references")
+            if not isinstance(refs_raw, list) or not refs_raw:
+                row_problems.append(Problem(line_no, f"{label}: references must be a non-empty list of files"))
+                refs_raw = []
+            refs = [_check_file(root, r, f"{label} reference", line_no, row_problems) for r in refs_raw]
+            ref_masks_raw = s.get("reference_masks")
+            ref_masks = None
+            if ref_masks_raw is not None:
+                if not isinstance(ref_masks_raw, list) or len(ref_masks_raw) != len(refs_raw):
+                    row_problems.append(Problem(line_no, f"{label}: reference_masks must list one mask per reference"))
+                else:
+                    ref_masks = [_check_file(root, r, f"{label} reference mask", line_no, row_problems)
+                                 for r in ref_masks_raw]
+                    for ref, rm in zip(refs, ref_masks):
+                        if ref and rm and ref[1] != rm[1]:
+                            row_problems.append(Problem(line_no, f"{label} reference mask: size differs from its "
+                                                                 f"reference ({rm[1]} vs {ref[1]})"))
+            if mask and all(refs) and (ref_masks is None or all(ref_masks)):
+                subjects.append(SubjectRecord(word, mask[0], [r[0] for r in refs],
+                                              [m[0] for m in ref_masks] if ref_masks else None))
+        if row_problems:
+            problems.extend(row_problems)
+        elif image:
+            records.append(Record(line_no, image[0], caption, subjects))
+    if not records and not problems:
+        problems.append(Problem(0, f"{MANIFEST} has no rows"))
+    return records, problems
+
+
+def load_image(path: Path, size: int | None = None) -> torch.Tensor:
+    """[H, W, 3] float in [0, 1] (ComfyUI IMAGE layout), optionally resized to a square."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None:
+            im = im.resize((size, size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+
+
+def load_mask(path: Path, size: int | None = None) -> torch.Tensor:
+    """[H, W] float in [0, 1], 1 = subject."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("L")
+        if size is not None:
+            im = im.resize((size, size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moa_attention.dataset",
+                                     description="Check a MoA training dataset and list every bad row.")
+    parser.add_argument("folder", help=f"dataset folder containing {MANIFEST}")
+    args = parser.parse_args(argv)
+    records, problems = read_manifest(args.folder)
+    for p in problems:
+        print(p)
+    print(f"{len(records)} good row(s), {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

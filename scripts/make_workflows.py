@@ -1,0 +1,272 @@
+"""Regenerate workflows/*.json by building each graph in the real ComfyUI graph editor.
+
+Not needed at test time (the workflows are committed as static JSON); run it only to change them:
+
+    bash scripts/dev.sh run                                # in one terminal (serves on 127.0.0.1:8188)
+    .venv/bin/python scripts/make_workflows.py [--url http://127.0.0.1:8188]
+
+It opens the editor in headless Chromium (Debian: chromium + chromium-driver; `bash scripts/dev.sh setup`
+installs them), adds the nodes with LiteGraph.createNode / app.graph.add / node.connect, sets the widgets,
+lays the nodes out in columns with groups, and saves JSON.stringify(app.graph.serialize()).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.browser import open_editor, start_chromium  # noqa: E402
+
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+CLIP_VISION = "clip_vision_vit_l14.safetensors"
+ADAPTER = "moa_sd15.safetensors"
+NEGATIVE = "blurry, lowres, deformed, watermark, text"
+SEED = 42
+
+MODELS_NOTE = f"""Model files (put them in ComfyUI/models/..., then press R to refresh the lists):
+- checkpoints/{CHECKPOINT}: an SD1.5 checkpoint (MoA adapters run on SD1.5 models).
+- clip_vision/{CLIP_VISION}: the CLIP ViT-L/14 image encoder the adapter was trained with.
+- moa/{ADAPTER}: a MoA adapter (made with `python -m moa_attention.train`)."""
+
+MASK_NOTE = """Subject mask: 1 = subject. The mask is a black-and-white picture of the same size as the photo, \
+white = subject, black = background (read from its red channel by Load Image (as Mask)).
+- Cut-out PNG with a transparent background instead? Take Load Image's MASK output through an \
+Invert Mask node (ComfyUI's MASK is 1 - alpha, so a cut-out gives 0 on the subject).
+- Painted the subject in the Mask Editor (right-click the photo)? Connect Load Image's MASK output directly.
+- No mask at all: leave 'mask' unconnected and the whole photo is used."""
+
+USAGE_NOTE = """Each MoA Subject's class word must appear in MoA Apply's prompt. Connect MoA Apply's 'positive' \
+to the sampler (MoA recognises its own conditioning there); the negative prompt is an ordinary CLIP Text Encode.
+Router map: red = pixels the router sent to the subject expert, blue = pixels the base model draws alone."""
+
+
+def models(nodes: dict, links: list, col: int = 0) -> None:
+    nodes["ckpt"] = dict(type="CheckpointLoaderSimple", col=col, widgets={"ckpt_name": CHECKPOINT})
+    nodes["clipvision"] = dict(type="CLIPVisionLoader", col=col, widgets={"clip_name": CLIP_VISION})
+    nodes["adapter"] = dict(type="MoAAdapterLoader", col=col, widgets={"adapter_name": ADAPTER})
+
+
+def subject(nodes: dict, links: list, name: str, label: str, image: str, mask: str, word: str, col: int,
+            previous: str | None = None) -> None:
+    nodes[f"{name}_img"] = dict(type="LoadImage", col=col, title=f"{label} photo", widgets={"image": image},
+                                size=[320, 340])
+    nodes[f"{name}_mask"] = dict(type="LoadImageMask", col=col, title=f"{label} mask (white = subject)",
+                                 widgets={"image": mask, "channel": "red"}, size=[320, 340])
+    nodes[name] = dict(type="MoASubject", col=col, title=f"MoA Subject ({word})", widgets={"class_word": word})
+    links += [(f"{name}_img", 0, name, "image"), (f"{name}_mask", 0, name, "mask")]
+    if previous:
+        links.append((previous, 0, name, "previous"))
+
+
+def apply_and_sample(nodes: dict, links: list, prompt: str, subjects_from: str, col: int,
+                     prompt_from: str | None = None, seed_from: str | None = None, sampler: str = "sampler",
+                     prefix: str = "MoA/result", save: bool = True) -> None:
+    nodes["apply"] = dict(type="MoAApply", col=col, size=[400, 290], widgets={
+        "prompt": prompt, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "routing": "soft"})
+    nodes["negative"] = dict(type="CLIPTextEncode", col=col, title="Negative prompt", size=[400, 110],
+                             widgets={"text": NEGATIVE})
+    nodes["latent"] = dict(type="EmptyLatentImage", col=col, widgets={"width": 512, "height": 512, "batch_size": 1})
+    nodes[sampler] = dict(type="KSampler", col=col + 1, title="KSampler (MoA)" if seed_from else None, widgets={
+        "seed": SEED, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0, "sampler_name": "euler",
+        "scheduler": "normal", "denoise": 1.0})
+    nodes["decode"] = dict(type="VAEDecode", col=col + 1)
+    nodes["maps"] = dict(type="MoARouterMaps", col=col + 1, widgets={"layers": "all layers", "opacity": 0.5})
+    links += [("ckpt", 0, "apply", "model"), ("adapter", 0, "apply", "moa_adapter"), ("ckpt", 1, "apply", "clip"),
+              ("clipvision", 0, "apply", "clip_vision"), (subjects_from, 0, "apply", "subjects"),
+              ("ckpt", 1, "negative", "clip"),
+              ("apply", 0, sampler, "model"), ("apply", 1, sampler, "positive"), ("negative", 0, sampler, "negative"),
+              ("latent", 0, sampler, "latent_image"),
+              (sampler, 0, "decode", "samples"), ("ckpt", 2, "decode", "vae"),
+              ("apply", 0, "maps", "model"), (sampler, 0, "maps", "samples"), ("decode", 0, "maps", "image")]
+    if prompt_from:
+        links.append((prompt_from, 0, "apply", "prompt"))
+    if seed_from:
+        links.append((seed_from, 0, sampler, "seed"))
+    if save:
+        nodes["save"] = dict(type="SaveImage", col=col + 2, title="Result", size=[420, 470],
+                             widgets={"filename_prefix": prefix})
+        links.append(("decode", 0, "save", "images"))
+    nodes["maps_preview"] = dict(type="PreviewImage", col=col + 3,
+                                 title="Router map (red = subject expert, blue = base model)", size=[420, 470])
+    links.append(("maps", 1, "maps_preview", "images"))
+
+
+def single_subject():
+    nodes, links = {}, []
+    nodes["note"] = dict(type="Note", col=0, size=[400, 520], title="Read me: MoA, one subject",
+                         widgets={"text": "\n\n".join([MODELS_NOTE, MASK_NOTE, USAGE_NOTE])})
+    models(nodes, links, col=0)
+    subject(nodes, links, "subject", "Subject", "subject.png", "subject_mask.png", "man", col=1)
+    apply_and_sample(nodes, links, "a photo of a man hiking in the mountains, golden hour", "subject", col=2,
+                     prefix="MoA/single_subject")
+    groups = [("Models", ["ckpt", "clipvision", "adapter"]), ("Subject", ["subject_img", "subject_mask", "subject"]),
+              ("MoA", ["apply", "negative", "latent"]), ("Sample", ["sampler", "decode", "maps"])]
+    return nodes, links, groups
+
+
+def two_subjects():
+    nodes, links = {}, []
+    nodes["note"] = dict(type="Note", col=0, size=[400, 560], title="Read me: MoA, two subjects", widgets={
+        "text": "\n\n".join([MODELS_NOTE, MASK_NOTE, USAGE_NOTE,
+                             "Several subjects: chain MoA Subject nodes through 'previous'. Each class word must "
+                             "appear in the prompt once per subject that uses it (two dogs: 'a dog and a dog ...'). "
+                             "Optional 'region' masks say where each subject may appear in the picture."])})
+    models(nodes, links, col=0)
+    subject(nodes, links, "man", "Man", "man.png", "man_mask.png", "man", col=1)
+    subject(nodes, links, "dog", "Dog", "dog.png", "dog_mask.png", "dog", col=2, previous="man")
+    apply_and_sample(nodes, links, "a man and a dog side by side in a park", "dog", col=3, prefix="MoA/two_subjects")
+    groups = [("Models", ["ckpt", "clipvision", "adapter"]), ("Subject 1: man", ["man_img", "man_mask", "man"]),
+              ("Subject 2: dog", ["dog_img", "dog_mask", "dog"]), ("MoA", ["apply", "negative", "latent"]),
+              ("Sample", ["sampler", "decode", "maps"])]
+    return nodes, links, groups
+
+
+def compare_strength():
+    nodes, links = {}, []
+    prompt = "a photo of a man hiking in the mountains, golden hour"
+    nodes["note"] = dict(type="Note", col=0, size=[400, 560], title="Read me: with and without MoA", widgets={
+        "text": "\n\n".join([
+            "Same prompt, same seed, same sampler: the left picture is the base model alone, the right one "
+            "has MoA. The subject changes; the composition, background and lighting (the context) should stay. "
+            "The Prompt and Seed nodes feed both branches so they stay equal. Lower MoA Apply's strength (0 = "
+            "exactly the base model) or narrow start/end_percent if the subject takes over the picture.",
+            MODELS_NOTE, MASK_NOTE])})
+    models(nodes, links, col=0)
+    nodes["prompt"] = dict(type="PrimitiveStringMultiline", col=1, title="Prompt", size=[320, 120],
+                           widgets={"value": prompt})
+    nodes["seed"] = dict(type="PrimitiveInt", col=1, title="Seed", widgets={"value": SEED,
+                                                                            "control_after_generate": "fixed"})
+    subject(nodes, links, "subject", "Subject", "subject.png", "subject_mask.png", "man", col=1)
+    apply_and_sample(nodes, links, prompt, "subject", col=2, prompt_from="prompt", seed_from="seed",
+                     sampler="sampler", save=False)
+    nodes["base_positive"] = dict(type="CLIPTextEncode", col=2, title="Prompt (base model)", size=[400, 110],
+                                  widgets={"text": prompt})
+    nodes["base_sampler"] = dict(type="KSampler", col=3, title="KSampler (base model)", widgets={
+        "seed": SEED, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0, "sampler_name": "euler",
+        "scheduler": "normal", "denoise": 1.0})
+    nodes["base_decode"] = dict(type="VAEDecode", col=3, title="VAE Decode (base model)")
+    nodes["stitch"] = dict(type="ImageStitch", col=4, title="Side by side: without MoA | with MoA", widgets={
+        "direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"})
+    nodes["save"] = dict(type="SaveImage", col=4, title="Left: without MoA, right: with MoA", size=[620, 400],
+                         widgets={"filename_prefix": "MoA/compare"})
+    links += [("prompt", 0, "base_positive", "text"), ("ckpt", 1, "base_positive", "clip"),
+              ("ckpt", 0, "base_sampler", "model"), ("base_positive", 0, "base_sampler", "positive"),
+              ("negative", 0, "base_sampler", "negative"), ("latent", 0, "base_sampler", "latent_image"),
+              ("seed", 0, "base_sampler", "seed"),
+              ("base_sampler", 0, "base_decode", "samples"), ("ckpt", 2, "base_decode", "vae"),
+              ("base_decode", 0, "stitch", "image1"), ("decode", 0, "stitch", "image2"),
+              ("stitch", 0, "save", "images")]
+    nodes["maps_preview"]["col"] = 5
+    groups = [("Models", ["ckpt", "clipvision", "adapter"]),
+              ("Prompt, seed and subject", ["prompt", "seed", "subject_img", "subject_mask", "subject"]),
+              ("Both branches", ["apply", "negative", "latent", "base_positive"]),
+              ("Sample", ["sampler", "decode", "maps", "base_sampler", "base_decode"])]
+    return nodes, links, groups
+
+
+WORKFLOWS = {"moa_single_subject": single_subject, "moa_two_subjects": two_subjects,
+             "moa_compare_strength": compare_strength}
+
+BUILD_JS = r"""
+const [spec, done] = [arguments[0], arguments[arguments.length - 1]];
+(async () => {
+  await app.loadGraphData({nodes: [], links: [], groups: [], version: 0.4, last_node_id: 0, last_link_id: 0},
+                          true, false);
+  const made = {};
+  for (const [key, s] of spec.nodes) {
+    const n = LiteGraph.createNode(s.type);
+    if (!n) throw new Error('unknown node type ' + s.type);
+    if (s.title) n.title = s.title;
+    app.graph.add(n);
+    for (const [name, value] of Object.entries(s.widgets || {})) {
+      const w = (n.widgets || []).find(w => w.name === name);
+      if (!w) throw new Error(`${s.type} has no widget ${name}`);
+      w.value = value;
+    }
+    if (s.size) n.setSize(s.size);
+    made[key] = n;
+  }
+  for (const [src, out, dst, input] of spec.links) {
+    const slot = made[dst].findInputSlot(input);
+    if (slot < 0) throw new Error(`${dst} has no input ${input}`);
+    if (!made[src].connect(out, made[dst], slot)) throw new Error(`cannot connect ${src}:${out} -> ${dst}.${input}`);
+  }
+  // columns, top to bottom; x from the widest node of the previous column
+  const TH = LiteGraph.NODE_TITLE_HEIGHT, GAP = 40, GROUP_HEAD = 50;
+  const cols = {};
+  for (const [key, s] of spec.nodes) (cols[s.col] = cols[s.col] || []).push(key);
+  let x = 0;
+  for (const c of Object.keys(cols).map(Number).sort((a, b) => a - b)) {
+    let y = GROUP_HEAD + TH, width = 0;
+    for (const key of cols[c]) {
+      const n = made[key];
+      n.pos = [x, y];
+      y += n.size[1] + TH + GAP + (spec.groupStarts.includes(key) ? GROUP_HEAD : 0);
+      width = Math.max(width, n.size[0]);
+    }
+    x += width + 2 * GAP;
+  }
+  for (const [title, keys] of spec.groups) {
+    const g = new LiteGraph.LGraphGroup(title);
+    const ns = keys.map(k => made[k]);
+    const x0 = Math.min(...ns.map(n => n.pos[0])) - 15, y0 = Math.min(...ns.map(n => n.pos[1] - TH)) - GROUP_HEAD + 5;
+    const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])) + 15, y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1])) + 15;
+    g.pos = [x0, y0];
+    g.size = [x1 - x0, y1 - y0];
+    app.graph.add(g);
+  }
+  app.canvas.ds.scale = 0.7;            // the view the workflow opens with: most of it on one screen
+  app.canvas.ds.offset = [40, 20];
+  app.graph.setDirtyCanvas(true, true);
+  done(JSON.stringify(app.graph.serialize(), null, 2));
+})().catch(e => done('ERROR: ' + e.stack));
+"""
+
+
+def build(driver, name: str) -> str:
+    nodes, links, groups = WORKFLOWS[name]()
+    order = list(nodes.items())
+    # a node that opens a group (not the first in its column) gets room above it for the group's title
+    starts = []
+    for _, keys in groups:
+        first = keys[0]
+        col = nodes[first]["col"]
+        if [k for k, s in order if s["col"] == col][0] != first:
+            prev = [k for k, s in order if s["col"] == col]
+            starts.append(prev[prev.index(first) - 1])
+    spec = {"nodes": [[k, {kk: vv for kk, vv in s.items() if vv is not None}] for k, s in order],
+            "links": links, "groups": groups, "groupStarts": starts}
+    out = driver.execute_async_script(BUILD_JS, spec)
+    if out.startswith("ERROR"):
+        raise RuntimeError(f"{name}: {out}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8188")
+    ap.add_argument("--out", default=str(ROOT / "workflows"))
+    ap.add_argument("--screenshot", help="save a screenshot of the last workflow here")
+    ap.add_argument("names", nargs="*", default=list(WORKFLOWS))
+    a = ap.parse_args()
+    driver = start_chromium()
+    try:
+        open_editor(driver, a.url)
+        for name in a.names:
+            text = build(driver, name)
+            json.loads(text)
+            path = Path(a.out) / f"{name}.json"
+            path.write_text(text + "\n")
+            print(f"wrote {path}")
+        if a.screenshot:
+            driver.save_screenshot(a.screenshot)
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The example workflows in workflows/: valid for the current node definitions, listed as templates, and
+runnable from the real graph editor (headless Chromium) on the tiny test models.
+
+The browser tests skip when Chromium/chromedriver/selenium are missing, except under CI (env CI=true), where
+they fail instead: install them with `bash scripts/dev.sh setup`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, execution_error
+from support.browser import browser_missing, console_errors, open_editor, start_chromium
+from support.graphs import ADAPTER, CHECKPOINT, CLIP_VISION
+
+PACK_DIR_NAME = "comfyui-moa"            # the pack's folder name in the server's custom_nodes (see models_base)
+WORKFLOW_DIR = ROOT / "workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}     # node types with no Python class
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+# The example workflows name the real files a user has; the test swaps in the tiny ones written by
+# models_base / server_inputs (write_inputs). A new image name in a workflow must be added here.
+MODEL_NAMES = {"ckpt_name": CHECKPOINT, "clip_name": CLIP_VISION, "adapter_name": ADAPTER}
+IMAGE_NAMES = {"subject.png": "person.png", "subject_mask.png": "person_mask.png",
+               "man.png": "person.png", "man_mask.png": "person_mask.png",
+               "dog.png": "cat.png", "dog_mask.png": "cat_mask.png"}
+SIZE, STEPS = 64, 2
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _ids(paths):
+    return [p.stem for p in paths]
+
+
+def test_there_are_example_workflows():
+    names = {p.stem for p in WORKFLOWS}
+    assert {"moa_single_subject", "moa_two_subjects"} <= names, names
+
+
+def _widget_inputs(info: dict) -> list[tuple[str, list]]:
+    """(name, spec) of the inputs the editor shows as widgets, in the editor's order."""
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in info["input"].get(section, {}).items():
+            kind = spec[0]
+            opts = spec[1] if len(spec) > 1 else {}
+            if (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput"):
+                out.append((name, spec))
+    return out
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_workflow_file_matches_the_node_definitions(path: Path, server):
+    """Valid UI-format JSON; every node type exists; links are whole; widget values fit /object_info."""
+    wf = json.loads(path.read_text())
+    object_info = server.request("/object_info")
+    assert {"nodes", "links", "version"} <= set(wf), "not a UI-format workflow (app.graph.serialize())"
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    unknown = sorted({n["type"] for n in wf["nodes"]} - set(object_info) - FRONTEND_ONLY)
+    assert not unknown, f"node types not in /object_info: {unknown}"
+    assert {"MoAApply", "MoASubject", "MoAAdapterLoader", "MoARouterMaps"} <= {n["type"] for n in wf["nodes"]}
+
+    links = {}
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        assert src in nodes and dst in nodes, f"link {link_id} joins missing nodes"
+        assert nodes[src]["outputs"][src_slot]["type"] == kind, f"link {link_id}: output type is not {kind}"
+        assert link_id in (nodes[src]["outputs"][src_slot]["links"] or [])
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+        links[link_id] = (src, dst)
+    assert wf["last_link_id"] >= max(links) and wf["last_node_id"] >= max(nodes)
+
+    for n in wf["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        info = object_info[n["type"]]
+        label = f"{n['type']} #{n['id']} ({n.get('title', '')})"
+        linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
+        widgets = _widget_inputs(info)
+        widget_names = {name for name, _ in widgets}
+        for name in info["input"].get("required", {}):
+            assert name in linked or name in widget_names, f"{label}: required input {name} is not connected"
+        values = list(n.get("widgets_values") or [])
+        for name, spec in widgets:
+            assert values, f"{label}: no value for widget {name}"
+            value = values.pop(0)
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+            if isinstance(kind, list) and name not in MODEL_NAMES and name != "image":   # file lists vary
+                assert value in kind, f"{label}: {name}={value!r} is not one of {kind}"
+            if kind in ("INT", "FLOAT"):
+                assert opts.get("min", -np.inf) <= value <= opts.get("max", np.inf), f"{label}: {name}={value}"
+            if opts.get("control_after_generate"):
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize"), label
+        if any(len(s) > 1 and s[1].get("image_upload") for _, s in widgets):
+            values.pop(0)                                       # the upload button's value
+        assert not values, f"{label}: {len(values)} widget value(s) more than the node has: {values}"
+
+
+def test_workflows_are_listed_as_templates(server):
+    """ComfyUI serves a pack's workflows/ folder as templates (app/custom_node_manager.py)."""
+    listed = server.request("/api/workflow_templates")
+    assert sorted(listed.get(PACK_DIR_NAME, [])) == sorted(p.stem for p in WORKFLOWS), listed
+    for path in WORKFLOWS:
+        served = server.request(f"/api/workflow_templates/{PACK_DIR_NAME}/{path.name}")
+        served = json.loads(served) if isinstance(served, bytes) else served
+        assert served == json.loads(path.read_text()), f"{path.name} is served differently"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# in the graph editor
+
+
+@pytest.fixture(scope="module")
+def editor(server, server_inputs):
+    """One headless Chromium on the server's graph editor for all workflows of this module."""
+    missing = browser_missing()
+    if missing:
+        if _ci():
+            pytest.fail(f"CI is set but the browser test cannot run: {missing}")
+        pytest.skip(missing)
+    driver = start_chromium()
+    try:
+        open_editor(driver, server.url)
+        console_errors(driver)                  # drop what the page load itself printed
+        yield driver
+    finally:
+        driver.quit()
+
+
+LOAD_JS = r"""
+const [text, name, done] = arguments;
+(async () => {
+  const wf = JSON.parse(text);
+  await app.loadGraphData(wf, true, true, name);
+  await new Promise(r => setTimeout(r, 300));     // let dialogs / toasts open if any would
+  const reg = LiteGraph.registered_node_types;
+  done(JSON.stringify({
+    nodes: app.graph.nodes.length, links: Object.keys(app.graph.links).length,
+    errors: app.graph.nodes.filter(n => n.has_errors).map(n => `${n.type} #${n.id}`),
+    missing: app.graph.nodes.filter(n => !(n.type in reg)).map(n => n.type),
+    dialogs: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText.slice(0, 300)),
+    toasts: [...document.querySelectorAll('.p-toast-message')].map(d => d.innerText.slice(0, 300)),
+  }));
+})().catch(e => done(JSON.stringify({exception: String(e && e.stack || e)})));
+"""
+
+PREPARE_JS = r"""
+const [models, images, size, steps, done] = arguments;
+(async () => {
+  const changed = [], unknown = [];
+  for (const n of app.graph.nodes) {
+    for (const w of n.widgets || []) {
+      const was = w.value;
+      if (w.name in models) w.value = models[w.name];
+      else if (w.name === 'image' && (n.type === 'LoadImage' || n.type === 'LoadImageMask')) {
+        if (w.value in images) w.value = images[w.value]; else unknown.push(`${n.type} #${n.id}: ${w.value}`);
+      }
+      else if (w.name === 'steps') w.value = steps;
+      else if (n.type === 'EmptyLatentImage' && (w.name === 'width' || w.name === 'height')) w.value = size;
+      else continue;
+      changed.push(`${n.type}.${w.name}: ${was} -> ${w.value}`);
+    }
+  }
+  const p = await app.graphToPrompt();
+  done(JSON.stringify({changed, unknown, output: p.output, workflow_nodes: p.workflow.nodes.length}));
+})().catch(e => done(JSON.stringify({exception: String(e && e.stack || e)})));
+"""
+
+
+def _image(server, img: dict) -> np.ndarray:
+    folder = {"output": "output", "temp": "temp", "input": "input"}[img["type"]]
+    return np.asarray(Image.open(server.base / folder / img["subfolder"] / img["filename"]))
+
+
+def _expected_size(prompt: dict, node_id: str) -> tuple[int, int]:
+    """(height, width) of what an image output node receives: SIZE, or two SIZE pictures stitched."""
+    src = prompt[prompt[node_id]["inputs"]["images"][0]]
+    if src["class_type"] == "ImageStitch":
+        gap = src["inputs"]["spacing_width"]
+        return (SIZE, 2 * SIZE + gap) if src["inputs"]["direction"] in ("left", "right") else (2 * SIZE + gap, SIZE)
+    return SIZE, SIZE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_workflow_loads_in_the_editor_and_runs(path: Path, editor, server):
+    wf_text = path.read_text()
+    wf = json.loads(wf_text)
+    loaded = json.loads(editor.execute_async_script(LOAD_JS, wf_text, path.name))
+    assert "exception" not in loaded, loaded.get("exception")
+    assert loaded["missing"] == [] and loaded["errors"] == [], loaded
+    assert loaded["dialogs"] == [], f"the editor opened a dialog on load: {loaded['dialogs']}"
+    assert (loaded["nodes"], loaded["links"]) == (len(wf["nodes"]), len(wf["links"])), loaded
+    assert console_errors(editor) == []
+
+    prepared = json.loads(editor.execute_async_script(PREPARE_JS, MODEL_NAMES, IMAGE_NAMES, SIZE, STEPS))
+    assert "exception" not in prepared, prepared.get("exception")
+    assert prepared["unknown"] == [], f"add these test images to IMAGE_NAMES: {prepared['unknown']}"
+    prompt = prepared["output"]
+    kinds = [n["class_type"] for n in prompt.values()]
+    assert not FRONTEND_ONLY & set(kinds), "frontend-only nodes must not reach the server"
+    assert kinds.count("KSampler") >= 1 and all(
+        n["inputs"]["steps"] == STEPS for n in prompt.values() if n["class_type"] == "KSampler")
+
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", f"execution failed: {execution_error(entry)}"
+    outputs = [i for i, n in prompt.items() if n["class_type"] in ("SaveImage", "PreviewImage")]
+    assert outputs, "a workflow must show its results"
+    for node_id in outputs:
+        images = entry["outputs"].get(node_id, {}).get("images", [])
+        assert len(images) == 1, f"{prompt[node_id]['class_type']} #{node_id} got {len(images)} image(s)"
+        pic = _image(server, images[0])
+        assert pic.shape[:2] == _expected_size(prompt, node_id), (node_id, pic.shape)
+        if prompt[prompt[node_id]["inputs"]["images"][0]]["class_type"] == "ImageStitch":
+            left, right = pic[:, :SIZE], pic[:, -SIZE:]
+            assert not np.array_equal(left, right), "with and without MoA gave the same picture"
+    assert console_errors(editor) == []
