@@ -4,6 +4,8 @@ Kept apart from the pure-torch fusion so that only this file follows ComfyUI's t
 and image-encoder APIs."""
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +57,32 @@ def describe(clip, chunks: list[list[int]]) -> str:
     return "[" + ", ".join(repr(w.replace("</w>", "")) for w in words) + "]"
 
 
+_FEATURE_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_FEATURE_CACHE_SIZE = 32
+
+
+def _fingerprint(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 @torch.no_grad()
 def image_feature(clip_vision, subject: SubjectInput, label: str) -> torch.Tensor:
-    """Mean projected CLIP image embedding of the subject's prepared reference photos."""
+    """Mean projected CLIP image embedding of the subject's prepared reference photos.
+
+    Cached by content: changing strength or the prompt re-runs MoA Apply, and a ViT-L pass
+    per photo is the slowest part of it."""
+    key = (id(clip_vision), _fingerprint(subject.images), _fingerprint(subject.masks))
+    if key in _FEATURE_CACHE:
+        _FEATURE_CACHE.move_to_end(key)
+        return _FEATURE_CACHE[key]
     size = int(getattr(clip_vision, "image_size", 224))
     prepared = prepare_subject_batch(subject.images, subject.masks, size=size, label=label)
     embeds = clip_vision.encode_image(prepared, crop=False)["image_embeds"]
-    return embeds.float().mean(dim=0).cpu()
+    feature = embeds.float().mean(dim=0).cpu()
+    _FEATURE_CACHE[key] = feature
+    while len(_FEATURE_CACHE) > _FEATURE_CACHE_SIZE:
+        _FEATURE_CACHE.popitem(last=False)
+    return feature
 
 
 def image_feature_dim(clip_vision) -> int | None:

@@ -8,8 +8,9 @@ import tempfile
 import time
 from pathlib import Path
 
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")             # Debian's chromium-driver (what dev.sh setup installs)
 CHROMIUM_CANDIDATES = (Path("/usr/lib/chromium/chromium"), Path("/usr/bin/chromium"))
+OTHER_BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 # Console errors that every page load prints on an offline machine and that mean nothing for us.
 HARMLESS_CONSOLE = ("Cannot read properties of undefined (reading 'id')",   # frontend 1.32.9, every load
@@ -19,12 +20,22 @@ HARMLESS_CONSOLE = ("Cannot read properties of undefined (reading 'id')",   # fr
 
 
 def chromium_binary() -> Path | None:
-    return next((p for p in CHROMIUM_CANDIDATES if p.is_file()), None)
+    found = next((p for p in CHROMIUM_CANDIDATES if p.is_file()), None)
+    if found is None:
+        found = next((Path(w) for w in map(shutil.which, OTHER_BROWSERS) if w), None)
+    return found
+
+
+def chromedriver() -> Path | None:
+    if CHROMEDRIVER.is_file():
+        return CHROMEDRIVER
+    w = shutil.which("chromedriver")
+    return Path(w) if w else None
 
 
 def browser_missing() -> str | None:
     """Why the browser cannot start here, or None."""
-    if not CHROMEDRIVER.is_file() or chromium_binary() is None:
+    if chromedriver() is None or chromium_binary() is None:
         return "chromium/chromium-driver not installed (bash scripts/dev.sh setup installs them)"
     try:
         import selenium  # noqa: F401
@@ -44,7 +55,7 @@ def start_chromium(width: int = 1600, height: int = 1000):
                 f"--window-size={width},{height}", f"--user-data-dir={profile}", "--disable-background-networking"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver = webdriver.Chrome(service=Service(str(chromedriver())), options=opts)
     driver.set_script_timeout(60)
     quit_ = driver.quit
 
