@@ -155,6 +155,63 @@ class PeakRSS:
             out["rss_peak"] = peak[0]
 
 
+def live_tensor_peak_mode():
+    """A TorchDispatchMode that tracks the bytes of tensor storages allocated while it is
+    active and still alive: `peak` is the high-water mark of that, exact and deterministic
+    (unlike RSS, which glibc's heap makes noisy by tens of MiB). Kernel-internal workspaces
+    (e.g. inside SDPA) are not seen; they are the same for the prior and the expert."""
+    import weakref
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def key_of(t):
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return None, 0
+        return (st.data_ptr(), t.device), st.nbytes()
+
+    class LiveTensorPeak(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refs: dict = {}        # storage key -> [python tensors alive, nbytes]
+            self.live = 0
+            self.peak = 0
+
+        def _release(self, key) -> None:
+            e = self.refs.get(key)
+            if e is not None:
+                e[0] -= 1
+                if e[0] == 0:
+                    self.live -= e[1]
+                    del self.refs[key]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = None
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                key, n = key_of(t)
+                if key is None or n == 0 or key[0] == 0:
+                    continue
+                e = self.refs.get(key)
+                if e is None:
+                    if inputs is None:       # a view of / in-place on an untracked input: no new memory
+                        inputs = {key_of(a)[0] for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+                    if key in inputs:
+                        continue
+                    e = self.refs[key] = [0, n]
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                e[0] += 1
+                weakref.finalize(t, self._release, key)
+            return out
+
+    return LiveTensorPeak()
+
+
 # --------------------------------------------------------------------------
 # time breakdown: class-level timers (this process only; the pack is not modified)
 # --------------------------------------------------------------------------
@@ -316,6 +373,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--warmup", choices=("all", "one", "none"), default="one",
                     help="untimed warm-up steps: every configuration, the unpatched one only (default), or none")
+    ap.add_argument("--memory", choices=("separate", "inline", "rss"), default="separate",
+                    help="tensor high-water tracking (a Python hook on every op, slow): in one extra untimed step "
+                         "per configuration (default), inside the timed steps, or not at all (RSS only)")
     args = ap.parse_args()
     size = args.size or (128 if args.quick else 512)
     if size % 8:
@@ -394,14 +454,18 @@ def main() -> int:
     install_timers(bd, pack)
     latent_in = {"samples": torch.zeros(1, 4, latent, latent)}
 
-    def run(name: str) -> dict:
+    import contextlib
+
+    def run(name: str, track: bool = False) -> dict:
         calls.clear()
         bd.reset()
         out: dict = {}
         t = time.perf_counter()
-        with mem.measure(out):
+        tracker = live_tensor_peak_mode() if track else None
+        with torch.inference_mode(), mem.measure(out), (tracker or contextlib.nullcontext()):     # the server samples under inference_mode
             nodes.common_ksampler(configs[name], 42, args.steps, 7.0, "euler", "normal", positive, negative, latent_in)
         out["wall"] = time.perf_counter() - t
+        out["tensor_peak"] = tracker.peak if tracker else None
         out["unet"] = sum(c["s"] for c in calls)
         out["unet_cpu"] = sum(c["cpu"] for c in calls)
         out["load"] = os.getloadavg()[0]
@@ -427,7 +491,7 @@ def main() -> int:
                disable=not sys.stdout.isatty())
     for rep in range(args.repeats):
         for name in (names if rep % 2 == 0 else names[::-1]):     # alternate the order too
-            r = run(name)
+            r = run(name, track=args.memory == "inline")
             results[name].append(r)
             batches = sorted({c["batch"] for c in r["calls"]})
             tqdm.write(f"  rep {rep + 1} {name:13s} unet {r['unet']:7.2f} s  cpu {r['unet_cpu']:7.2f} s  "
@@ -436,6 +500,14 @@ def main() -> int:
                        file=sys.stdout)
             bar.update(1)
     bar.close()
+    tensor_peaks: dict[str, int] = {}
+    if args.memory != "rss":
+        for name in names:
+            rs = results[name] if args.memory == "inline" else [run(name, track=True)]
+            tensor_peaks[name] = max(r["tensor_peak"] for r in rs)
+            tqdm.write(f"  memory {name:13s} tensor high-water {human(tensor_peaks[name])}"
+                       + (f" (untimed step, {rs[0]['unet']:.2f} s with the hook)" if args.memory == "separate" else ""),
+                       file=sys.stdout)
 
     # ---------------------------------------------------------------- report
     def best(name: str, key: str) -> float:
@@ -447,31 +519,36 @@ def main() -> int:
     def transient(name: str) -> int:
         return max(r["rss_peak"] - r["rss_before"] for r in results[name])
 
+    def tensor_peak(name: str) -> int:
+        return tensor_peaks[name] if tensor_peaks else transient(name)
+
     base_cpu = per_step("unpatched", "unet_cpu")
-    base_step, base_wall, base_mem = per_step("unpatched"), best("unpatched", "wall"), transient("unpatched")
+    base_step, base_wall, base_mem = per_step("unpatched"), best("unpatched", "wall"), tensor_peak("unpatched")
     first = results["unpatched"][0]["calls"]
     print(f"\nUNet calls per step: {len(first) // args.steps}, batch sizes {[c['batch'] for c in first]}, "
           f"cond_or_uncond {first[0]['cond_or_uncond'] if first else None}")
-    print(f"memory: peak RSS growth during the step (after malloc_trim), "
-          f"{'VmHWM via clear_refs' if mem.exact else 'psutil sampled every 5 ms'}; "
-          f"overhead = extra peak vs unpatched + adapter resident bytes\n")
+    print("memory: 'tensors' = high-water mark of tensor bytes allocated during the step (exact); "
+          "'+RSS' = peak RSS growth during the step after malloc_trim "
+          f"({'VmHWM via clear_refs' if mem.exact else 'psutil sampled every 5 ms'}; glibc makes it noisy by "
+          "tens of MiB); overhead = extra tensor peak vs unpatched + adapter bytes (resident all along)\n")
     hdr = (f"{'config':13s} {'s/step (UNet)':>13s} {'ratio':>6s} {'target':>7s} {'cpu s':>7s} {'cpu ratio':>9s} {'wall s':>7s} "
-           f"{'peak +RSS':>10s} {'extra vs unp.':>13s} {'adapter':>10s} {'overhead/adapter':>16s} {'routed':>7s}")
+           f"{'+RSS':>10s} {'tensors':>10s} {'extra vs unp.':>13s} {'adapter':>10s} {'overhead/adapter':>16s} {'routed':>7s}")
     print(hdr)
     print("-" * len(hdr))
     for name in names:
         step, ratio = per_step(name), per_step(name) / base_step
         kind, _, ex = name.partition("/")
         target = TARGETS.get(kind)
-        tr = transient(name)
+        tr = tensor_peak(name)
+        rss = f"{human(transient(name)):>10s} "
         routed = [r["routed"] for r in results[name] if r["routed"] is not None]
         if name == "unpatched":
-            mem_cols = f"{human(tr):>10s} {'':>13s} {'':>10s} {'':>16s}"
+            mem_cols = f"{rss}{human(tr):>10s} {'':>13s} {'':>10s} {'':>16s}"
         else:
             extra = tr - base_mem
             over = (extra + sizes[ex]) / sizes[ex]
             flag = "ok" if over <= TARGETS["memory"] else "MISS"
-            mem_cols = f"{human(tr):>10s} {human(extra):>13s} {human(sizes[ex]):>10s} {over:>11.2f}x {flag:>4s}"
+            mem_cols = f"{rss}{human(tr):>10s} {human(extra):>13s} {human(sizes[ex]):>10s} {over:>11.2f}x {flag:>4s}"
         tcol = f"<={target:.2f}" if target else ""
         flag = "" if not target else (" ok" if ratio <= target else " MISS")
         cpu = per_step(name, "unet_cpu")

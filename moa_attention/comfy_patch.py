@@ -96,6 +96,21 @@ def original_attention(model, spec_path: str) -> torch.nn.Module:
     return obj
 
 
+def adapter_patcher_for(adapter: MoAAdapter, load_device, offload_device):
+    """One ModelPatcher per adapter and device pair, kept on the adapter.
+
+    ComfyUI tracks loaded models through their patchers: a fresh patcher per MoA Apply would
+    die with its clone while the (cached) adapter lives on, which ComfyUI reports as a memory
+    leak and answers with a full garbage collection on every run."""
+    import comfy.model_patcher
+    patchers = adapter.__dict__.setdefault("_comfy_patchers", {})
+    key = (str(load_device), str(offload_device))
+    if key not in patchers:
+        patchers[key] = comfy.model_patcher.ModelPatcher(adapter, load_device=load_device,
+                                                         offload_device=offload_device)
+    return patchers[key]
+
+
 def model_attention_layers(model) -> list[LayerSpec]:
     return find_attention_layers(model.get_model_object("diffusion_model"))
 
@@ -104,7 +119,6 @@ def apply_moa(model, adapter: MoAAdapter, bindings: list[SubjectBinding], *, str
               start_percent: float = 0.0, end_percent: float = 1.0, hard_routing: bool = False,
               adapter_name: str = "adapter"):
     """Return a clone of `model` (a ComfyUI ModelPatcher) with MoA installed; `model` is untouched."""
-    import comfy.model_patcher
     from comfy.patcher_extension import WrappersMP
 
     if not 0.0 <= strength <= MAX_STRENGTH:
@@ -125,9 +139,7 @@ def apply_moa(model, adapter: MoAAdapter, bindings: list[SubjectBinding], *, str
                            sigma_end=float(sampling.percent_to_sigma(end_percent)))
     controller = MoAController(adapter, bindings, settings, adapter_name)
 
-    adapter_patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=m.load_device,
-                                                       offload_device=m.offload_device)
-    m.set_additional_models(KEY, [adapter_patcher])
+    m.set_additional_models(KEY, [adapter_patcher_for(adapter, m.load_device, m.offload_device)])
     for spec in specs:
         prior = original_attention(m, spec.path)
         m.add_object_patch(f"diffusion_model.{spec.path}",

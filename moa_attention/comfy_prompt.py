@@ -5,6 +5,7 @@ and image-encoder APIs."""
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -57,7 +58,8 @@ def describe(clip, chunks: list[list[int]]) -> str:
     return "[" + ", ".join(repr(w.replace("</w>", "")) for w in words) + "]"
 
 
-_FEATURE_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+# per image-encoder object (weakly held, so a freed encoder takes its entries along)
+_FEATURE_CACHE: "weakref.WeakKeyDictionary[object, OrderedDict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
 _FEATURE_CACHE_SIZE = 32
 
 
@@ -71,17 +73,18 @@ def image_feature(clip_vision, subject: SubjectInput, label: str) -> torch.Tenso
 
     Cached by content: changing strength or the prompt re-runs MoA Apply, and a ViT-L pass
     per photo is the slowest part of it."""
-    key = (id(clip_vision), _fingerprint(subject.images), _fingerprint(subject.masks))
-    if key in _FEATURE_CACHE:
-        _FEATURE_CACHE.move_to_end(key)
-        return _FEATURE_CACHE[key]
+    cache = _FEATURE_CACHE.setdefault(clip_vision, OrderedDict())
+    key = (_fingerprint(subject.images), _fingerprint(subject.masks))
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
     size = int(getattr(clip_vision, "image_size", 224))
     prepared = prepare_subject_batch(subject.images, subject.masks, size=size, label=label)
     embeds = clip_vision.encode_image(prepared, crop=False)["image_embeds"]
     feature = embeds.float().mean(dim=0).cpu()
-    _FEATURE_CACHE[key] = feature
-    while len(_FEATURE_CACHE) > _FEATURE_CACHE_SIZE:
-        _FEATURE_CACHE.popitem(last=False)
+    cache[key] = feature
+    while len(cache) > _FEATURE_CACHE_SIZE:
+        cache.popitem(last=False)
     return feature
 
 

@@ -2,6 +2,7 @@
 from .adapter_loader import MoAAdapterLoader
 from .apply import MoAApply
 from .common import register_model_folder
+from .face_align import MoAFaceAlign
 from .router_maps import MoARouterMaps
 from .subject import MoASubject
 
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "MoASubject": MoASubject,
     "MoAApply": MoAApply,
     "MoARouterMaps": MoARouterMaps,
+    "MoAFaceAlign": MoAFaceAlign,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -17,6 +19,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MoASubject": "MoA Subject",
     "MoAApply": "MoA Apply",
     "MoARouterMaps": "MoA Router Maps",
+    "MoAFaceAlign": "MoA Face Align",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_model_folder"]

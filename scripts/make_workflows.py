@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def compare_strength():
         "seed": SEED, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0, "sampler_name": "euler",
         "scheduler": "normal", "denoise": 1.0})
     nodes["base_decode"] = dict(type="VAEDecode", col=3, title="VAE Decode (base model)")
-    nodes["stitch"] = dict(type="ImageStitch", col=4, title="Side by side: without MoA | with MoA", widgets={
+    nodes["stitch"] = dict(type="ImageStitch", col=4, title="Side by side", widgets={
         "direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"})
     nodes["save"] = dict(type="SaveImage", col=4, title="Left: without MoA, right: with MoA", size=[620, 400],
                          widgets={"filename_prefix": "MoA/compare"})
@@ -220,7 +221,7 @@ const [spec, done] = [arguments[0], arguments[arguments.length - 1]];
     app.graph.add(g);
   }
   app.canvas.ds.scale = 0.7;            // the view the workflow opens with: most of it on one screen
-  app.canvas.ds.offset = [40, 20];
+  app.canvas.ds.offset = [110, 150];  // clear of the sidebar and the top bars
   app.graph.setDirtyCanvas(true, true);
   done(JSON.stringify(app.graph.serialize(), null, 2));
 })().catch(e => done('ERROR: ' + e.stack));
@@ -246,6 +247,13 @@ def build(driver, name: str) -> str:
     return out
 
 
+def finish(name: str, text: str) -> str:
+    """A stable workflow id per file (the editor makes a random one), so regenerating changes only what changed."""
+    wf = json.loads(text)
+    wf["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-moa/workflows/{name}"))
+    return json.dumps(wf, indent=2, ensure_ascii=False) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:8188")
@@ -257,10 +265,9 @@ def main() -> None:
     try:
         open_editor(driver, a.url)
         for name in a.names:
-            text = build(driver, name)
-            json.loads(text)
+            text = finish(name, build(driver, name))
             path = Path(a.out) / f"{name}.json"
-            path.write_text(text + "\n")
+            path.write_text(text)
             print(f"wrote {path}")
         if a.screenshot:
             driver.save_screenshot(a.screenshot)

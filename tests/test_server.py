@@ -138,3 +138,13 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, serve
 def test_all_ones_mask_is_allowed(server, server_inputs):
     g = moa_graph(ADAPTER, [{"image": "person.png", "mask": "full_mask.png", "word": "man"}], PROMPT, maps=False)
     assert_success(server.run(g))
+
+
+def test_no_memory_leak_warnings_after_moa_runs(server, server_inputs):
+    """ComfyUI warns 'memory leak with model X' when a loaded model outlives its patcher."""
+    for strength in (0.5, 0.75):
+        g = moa_graph(ADAPTER, [{"image": "person.png", "mask": "person_mask.png", "word": "man"}], PROMPT,
+                      strength=strength, maps=False)
+        assert_success(server.run(g))
+    log = server.log_path.read_text(errors="replace")
+    assert "memory leak" not in log, [l for l in log.splitlines() if "memory leak" in l][:3]
