@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import importlib.util
 import os
 import sys
 import time
@@ -38,9 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = Path(os.environ.get("MOA_COMFYUI_DIR", ROOT / ".dev" / "ComfyUI"))
-PACK_MODULE = "comfyui_moa"
-sys.path.insert(0, str(ROOT / "tests"))     # support.model_factory (no pytest needed)
+sys.path.insert(0, str(ROOT / "tests"))     # support.* (no pytest needed)
+from support.runtime import COMFY_DIR, PACK_MODULE  # noqa: E402
 
 TARGETS = {"soft": 1.35, "hard": 1.15, "memory": 1.15}
 
@@ -50,29 +48,20 @@ TARGETS = {"soft": 1.35, "hard": 1.15, "memory": 1.15}
 # --------------------------------------------------------------------------
 
 def import_comfy():
-    if not (COMFY_DIR / "main.py").is_file():
-        sys.exit(f"ComfyUI not found at {COMFY_DIR}; run `bash scripts/dev.sh test` or set MOA_COMFYUI_DIR")
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True   # SDPA, before comfy attention is imported
-    import utils.extra_config  # noqa: F401  (must precede `nodes`, as in main.py)
-    import nodes
+    from support.runtime import ComfyUIMissing
+    from support.runtime import import_comfy as _import
+    try:
+        nodes = _import()
+    except ComfyUIMissing as e:
+        sys.exit(str(e))
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
     return nodes
 
 
 def import_pack():
-    if PACK_MODULE in sys.modules:
-        return sys.modules[PACK_MODULE]
-    spec = importlib.util.spec_from_file_location(PACK_MODULE, ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
+    from support.runtime import import_pack as _import
+    return _import()
 
 
 def full_sd15_unet_config() -> dict:
@@ -292,6 +281,17 @@ def install_timers(bd: Breakdown, pack) -> None:
             bd.add("MoA mix() total", pc() - t0)
             bd.add(f"  mix() {self.kind}", pc() - t0)
     MoAAttention.mix = mix
+
+    patch_mod = sys.modules[f"{PACK_MODULE}.moa_attention.comfy_patch"]
+    orig_state = patch_mod.build_call_state
+
+    def build_call_state(*a, **kw):
+        t0 = pc()
+        try:
+            return orig_state(*a, **kw)
+        finally:
+            bd.add("MoA call state (wrapper)", pc() - t0)
+    patch_mod.build_call_state = build_call_state
 
     orig_hard = layer_mod.hard_route
 
@@ -516,22 +516,38 @@ def main() -> int:
     def per_step(name: str, key: str = "unet") -> float:
         return min(r[key] / max(len(r["calls"]), 1) for r in results[name])
 
+    def moa_extra(r: dict) -> float:
+        return r["breakdown"].get("MoA mix() total", 0.0) + r["breakdown"].get("MoA call state (wrapper)", 0.0)
+
+    def in_step(name: str) -> float:
+        """UNet time / (UNet time - MoA's own work), within each step, averaged over repeats:
+        immune to the machine speeding up or slowing down between steps."""
+        vals = [r["unet"] / (r["unet"] - moa_extra(r)) for r in results[name]]
+        return sum(vals) / len(vals)
+
     def transient(name: str) -> int:
         return max(r["rss_peak"] - r["rss_before"] for r in results[name])
 
-    def tensor_peak(name: str) -> int:
+    def tensor_peak(name: str) -> int | None:
+        return tensor_peaks.get(name)
+
+    def mem_basis(name: str) -> int:      # what the overhead is computed from
         return tensor_peaks[name] if tensor_peaks else transient(name)
 
     base_cpu = per_step("unpatched", "unet_cpu")
-    base_step, base_wall, base_mem = per_step("unpatched"), best("unpatched", "wall"), tensor_peak("unpatched")
+    base_step, base_wall, base_mem = per_step("unpatched"), best("unpatched", "wall"), mem_basis("unpatched")
     first = results["unpatched"][0]["calls"]
     print(f"\nUNet calls per step: {len(first) // args.steps}, batch sizes {[c['batch'] for c in first]}, "
           f"cond_or_uncond {first[0]['cond_or_uncond'] if first else None}")
+    print("'in-step' = UNet time / (UNet time - MoA's own work: mix() + call state), measured inside each step and "
+          "averaged over repeats (+ = meets the target, ! = misses): it does not depend on the machine's speed "
+          "drifting between steps, which on a shared machine moves the plain ratio by 10-20%")
     print("memory: 'tensors' = high-water mark of tensor bytes allocated during the step (exact); "
           "'+RSS' = peak RSS growth during the step after malloc_trim "
           f"({'VmHWM via clear_refs' if mem.exact else 'psutil sampled every 5 ms'}; glibc makes it noisy by "
-          "tens of MiB); overhead = extra tensor peak vs unpatched + adapter bytes (resident all along)\n")
-    hdr = (f"{'config':13s} {'s/step (UNet)':>13s} {'ratio':>6s} {'target':>7s} {'cpu s':>7s} {'cpu ratio':>9s} {'wall s':>7s} "
+          "tens of MiB); overhead = extra peak vs unpatched + adapter bytes (resident all along), from "
+          f"{'tensors' if tensor_peaks else '+RSS (no tensor tracking: --memory rss)'}\n")
+    hdr = (f"{'config':13s} {'s/step (UNet)':>13s} {'ratio':>6s} {'target':>7s} {'in-step':>7s} {'cpu s':>7s} {'cpu ratio':>9s} {'wall s':>7s} "
            f"{'+RSS':>10s} {'tensors':>10s} {'extra vs unp.':>13s} {'adapter':>10s} {'overhead/adapter':>16s} {'routed':>7s}")
     print(hdr)
     print("-" * len(hdr))
@@ -539,26 +555,29 @@ def main() -> int:
         step, ratio = per_step(name), per_step(name) / base_step
         kind, _, ex = name.partition("/")
         target = TARGETS.get(kind)
-        tr = tensor_peak(name)
-        rss = f"{human(transient(name)):>10s} "
+        tp = tensor_peak(name)
+        rss = f"{human(transient(name)):>10s} {human(tp) if tp is not None else '-':>10s} "
+        tr = mem_basis(name)
         routed = [r["routed"] for r in results[name] if r["routed"] is not None]
         if name == "unpatched":
-            mem_cols = f"{rss}{human(tr):>10s} {'':>13s} {'':>10s} {'':>16s}"
+            mem_cols = f"{rss}{'':>13s} {'':>10s} {'':>16s}"
         else:
             extra = tr - base_mem
             over = (extra + sizes[ex]) / sizes[ex]
             flag = "ok" if over <= TARGETS["memory"] else "MISS"
-            mem_cols = f"{rss}{human(tr):>10s} {human(extra):>13s} {human(sizes[ex]):>10s} {over:>11.2f}x {flag:>4s}"
+            mem_cols = f"{rss}{human(extra):>13s} {human(sizes[ex]):>10s} {over:>11.2f}x {flag:>4s}"
         tcol = f"<={target:.2f}" if target else ""
         flag = "" if not target else (" ok" if ratio <= target else " MISS")
         cpu = per_step(name, "unet_cpu")
-        print(f"{name:13s} {step:13.2f} {ratio:5.3f}x{flag:5s} {tcol:>6s} {cpu:7.2f} {cpu / base_cpu:8.3f}x "
+        ist = in_step(name)
+        iflag = "" if not target else ("+" if ist <= target else "!")
+        print(f"{name:13s} {step:13.2f} {ratio:5.3f}x{flag:5s} {tcol:>6s} {ist:5.3f}x{iflag:1s} {cpu:7.2f} {cpu / base_cpu:8.3f}x "
               f"{best(name, 'wall'):7.2f} {mem_cols} "
               f"{(f'{100 * min(routed):.1f}%') if routed else '':>7s}")
 
     print("\nwhere the time goes (wall seconds per UNet step, from the repeat with the smallest UNet time; "
           "'cpu' ratios are process CPU time, less sensitive to other load on the machine):")
-    keys = ["attention layers (whole forward)", "prior attention kernel", "MoA mix() total", "  mix() attn1",
+    keys = ["MoA call state (wrapper)", "attention layers (whole forward)", "prior attention kernel", "MoA mix() total", "  mix() attn1",
             "  mix() attn2", "  router MLP", "  expert projections", "    to_q", "    to_k", "    to_v", "    to_out",
             "  personal attention kernel"]
     print(f"{'':34s}" + "".join(f"{n:>14s}" for n in names))

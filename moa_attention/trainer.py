@@ -27,7 +27,7 @@ from .dataset import load_image, load_mask, read_manifest
 from .fusion import fuse_prompt
 from .layer import install_layers
 from .losses import background_share, denoising_loss, object_loss, router_loss
-from .prompt_tokens import WordTokens, bind_subjects
+from .prompt_tokens import bind_subjects
 from .subject_images import prepare_subject_batch
 from .train import TrainConfig
 from .train_state import STATE_FILE, load_trainer_state, save_trainer_state

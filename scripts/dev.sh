@@ -96,14 +96,12 @@ setup_browser() { # Chromium + chromedriver (Debian packages) for tests/test_wor
 }
 
 link_pack() { # the run base sees the pack through a link in its custom_nodes
-  local d
-  for d in "$BASE/custom_nodes"; do
-    mkdir -p "$d"
-    if [[ "$(readlink "$d/$PACK_LINK_NAME" 2>/dev/null)" != "$ROOT" ]]; then
-      rm -rf "${d:?}/$PACK_LINK_NAME"
-      ln -s "$ROOT" "$d/$PACK_LINK_NAME"
-    fi
-  done
+  local d="$BASE/custom_nodes"
+  mkdir -p "$d"
+  if [[ "$(readlink "$d/$PACK_LINK_NAME" 2>/dev/null)" != "$ROOT" ]]; then
+    rm -rf "${d:?}/$PACK_LINK_NAME"
+    ln -s "$ROOT" "$d/$PACK_LINK_NAME"
+  fi
   mkdir -p "$BASE"/models/{checkpoints,clip_vision,moa,vae,loras,insightface} "$BASE/output" "$BASE/input"
 }
 
@@ -111,7 +109,6 @@ setup() {
   setup_venv
   setup_comfyui
   setup_requirements
-  setup_browser
   link_pack
   log "ready: ComfyUI $(cat "$COMFY/comfyui_version.py" | grep -o '[0-9.]*' | tail -n1), torch $("$PY" -c 'import torch; print(torch.__version__)')"
 }
@@ -127,6 +124,7 @@ cmd_run() {
 
 cmd_test() {
   setup
+  setup_browser
   cd "$ROOT"
   set +e
   # tests/pytest.ini, not the repo root: the root is the node pack's own package
@@ -144,6 +142,6 @@ cmd_test() {
 case "${1:-}" in
   run)   shift; cmd_run "$@" ;;
   test)  shift; cmd_test "$@" ;;
-  setup) shift; setup ;;
+  setup) shift; setup; setup_browser ;;
   *) echo "usage: bash scripts/dev.sh {run|test|setup} [args...]" >&2; exit 2 ;;
 esac

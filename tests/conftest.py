@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -23,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-COMFY_DIR = Path(os.environ.get("MOA_COMFYUI_DIR", ROOT / ".dev" / "ComfyUI"))
-PACK_MODULE = "comfyui_moa"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support import runtime  # noqa: E402
+from support.runtime import COMFY_DIR, ROOT  # noqa: E402
+
 # the engine as a top-level package too (`python -m moa_attention.train` imports it so); appended,
 # because ComfyUI's own `nodes` module must win over this pack's `nodes/` folder
 if str(ROOT) not in sys.path:
@@ -34,27 +33,14 @@ if str(ROOT) not in sys.path:
 
 
 def _import_comfy():
-    if not (COMFY_DIR / "main.py").is_file():
-        pytest.exit(f"ComfyUI not found at {COMFY_DIR}; run `bash scripts/dev.sh test`", returncode=3)
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True   # what the server runs with
-    import utils.extra_config  # noqa: F401  (must precede `nodes`, as in main.py)
-    import nodes
-    return nodes
+    try:
+        return runtime.import_comfy()
+    except runtime.ComfyUIMissing as e:
+        pytest.exit(str(e), returncode=3)
 
 
 def _import_pack():
-    if PACK_MODULE in sys.modules:
-        return sys.modules[PACK_MODULE]
-    spec = importlib.util.spec_from_file_location(PACK_MODULE, ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
+    return runtime.import_pack()
 
 
 @pytest.fixture(scope="session")
