@@ -77,11 +77,17 @@ class MoAAttention(nn.Module):
         v = self.to_v(value if value is not None else ctx)
         prior_out = self.to_out(self._attend(q, k, v, mask, transformer_options))
         state: CallState | None = transformer_options.get(STATE_KEY)
-        if state is None or mask is not None or value is not None:
+        if state is None or mask is not None:
             return prior_out
-        return self.mix(x, q, k, v, prior_out, state, transformer_options)
+        return self.mix(x, q, k, v, prior_out, state, transformer_options,
+                        ctx if self.kind == "attn1" else None, value if self.kind == "attn1" else None)
 
-    def mix(self, x, q, k, v, prior_out, state: CallState, transformer_options: dict) -> torch.Tensor:
+    def mix(self, x, q, k, v, prior_out, state: CallState, transformer_options: dict,
+            self_context: torch.Tensor | None = None, self_value: torch.Tensor | None = None) -> torch.Tensor:
+        """The personalized branch for the rows that carry a subject, mixed in by the router.
+
+        attn1 keys/values come from what the prior attended to (x, or what an attn1 patch of
+        another pack made of it); attn2's come from the multimodal prompt."""
         rows = state.rows
         xr, prior_r = x[rows], prior_out[rows]
         hw = layer_hw(x.shape[1], transformer_options, state.latent_hw)
@@ -97,9 +103,15 @@ class MoAAttention(nn.Module):
 
         expert = self.moa.expert
         self_attn = self.kind == "attn1"
-        pctx = xr if self_attn else state.personal_context.to(x.dtype)
-        kp = expert.project("to_k", pctx, self.to_k, k[rows] if self_attn else None)
-        vp = expert.project("to_v", pctx, self.to_v, v[rows] if self_attn else None)
+        if self_attn:
+            kctx = xr if self_context is None else self_context[rows]
+            vctx = kctx if self_value is None else self_value[rows]
+            kp = expert.project("to_k", kctx, self.to_k, k[rows])
+            vp = expert.project("to_v", vctx, self.to_v, v[rows])
+        else:
+            pctx = state.personal_context.to(x.dtype)
+            kp = expert.project("to_k", pctx, self.to_k)
+            vp = expert.project("to_v", pctx, self.to_v)
         to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
 
         if not state.settings.hard:

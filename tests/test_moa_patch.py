@@ -234,3 +234,66 @@ def test_long_prompts_repeated_to_batch_length_are_recognised(comfy, engine, tin
     moa = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
     sample(comfy, moa, pos, long_neg)
     assert moa.get_attachment("moa").recorder.layers, "the repeated 77-token prompt was not recognised"
+
+
+def tiny_controlnet(unet_config: dict, seed: int = 5):
+    """A ControlNet of the tiny UNet's shape, through ComfyUI's own classes."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.ops
+    from support.model_factory import init_weights_
+    cfg = {k: v for k, v in unet_config.items() if k not in ("transformer_depth_output", "dtype")}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu", **cfg)
+    init_weights_(net, seed)
+    return comfy.controlnet.ControlNet(net, load_device=comfy.model_management.get_torch_device())
+
+
+def test_controlnet_composes_with_moa(comfy, engine, tiny_model, tiny_unet_config):
+    nodes = comfy[0]
+    plain, pos, neg = conds()
+    hint = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0))
+    cpos, cneg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, tiny_controlnet(tiny_unet_config),
+                                                                  hint, 1.0, 0.0, 1.0)
+    base = sample(comfy, tiny_model, pos, neg)
+    with_cn = sample(comfy, tiny_model, cpos, cneg)
+    assert not torch.equal(with_cn, base)
+    ad = fresh_adapter(engine, tiny_model)
+    perturb(ad)
+    force_router(ad, True)
+    zero = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), strength=0.0)
+    assert torch.equal(sample(comfy, zero, cpos, cneg), with_cn)        # ControlNet untouched by MoA
+    on = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
+    both = sample(comfy, on, cpos, cneg)
+    assert not torch.equal(both, with_cn) and not torch.equal(both, sample(comfy, on, pos, neg))
+    assert on.get_attachment("moa").recorder.layers, "the controlled prompt was not recognised"
+
+
+def test_other_attention_patches_compose_with_moa(comfy, engine, tiny_model):
+    """A global attn1 patch (sees and edits the hidden states) and an attn2 replace patch on one
+    block (ComfyUI then bypasses that module's forward: that layer runs the prior only)."""
+    from comfy.ldm.modules.attention import optimized_attention
+    plain, pos, neg = conds()
+
+    def attn1_patch(n, context, value, extra_options):
+        return n * 0.9, context, value
+
+    def attn2_replace(q, k, v, extra_options):
+        return optimized_attention(q, k, v, extra_options["n_heads"]) * 1.1
+
+    other = tiny_model.clone()
+    other.set_model_attn1_patch(attn1_patch)
+    other.set_model_attn2_replace(attn2_replace, "middle", 0)
+    ref = sample(comfy, other, pos, neg)
+    assert not torch.equal(ref, sample(comfy, tiny_model, pos, neg))
+    ad = fresh_adapter(engine, tiny_model)
+    perturb(ad)
+    force_router(ad, True)
+    assert torch.equal(sample(comfy, engine[2].apply_moa(other, ad, bind(engine, plain), strength=0.0), pos, neg),
+                       ref)
+    on = engine[2].apply_moa(other, ad, bind(engine, plain))
+    out = sample(comfy, on, pos, neg)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    layers = on.get_attachment("moa").recorder.layers
+    assert "middle_block.1.transformer_blocks.0.attn2" not in layers       # replaced by the other patch
+    assert "middle_block.1.transformer_blocks.0.attn1" in layers
