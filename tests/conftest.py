@@ -105,6 +105,15 @@ def server_inputs(models_base, comfy):
             p.data.add_(torch.randn(p.shape, generator=g) * 0.05)
         w.router.fc2.bias.data = torch.tensor([0.0, 0.5])
     save_adapter(adapter, base / "models" / "moa" / ADAPTER, overwrite=True)
+    # for the error cases: an adapter made for a 1024-d image encoder, and an SD2-shaped UNet
+    other = init_adapter_from_unet(model.get_model_object("diffusion_model"), expert="lowrank", rank=2, seed=1,
+                                   image_encoder="clip_vit_h14", image_dim=1024)
+    save_adapter(other, base / "models" / "moa" / "vit_h_moa.safetensors", overwrite=True)
+    from support.model_factory import tiny_unet_config, write_unet_only
+    sd2 = tiny_unet_config(model_channels=320, levels=1)
+    sd2.update(context_dim=1024, use_linear_in_transformer=True, num_head_channels=64)
+    sd2.pop("num_heads", None)
+    write_unet_only(base / "models" / "unet" / "tiny_sd2_unet.safetensors", unet_config=sd2)
     return base
 
 

@@ -111,6 +111,14 @@ def _bad(name):
         g["subject0"]["inputs"]["image"] = ["rep_img", 0]
         g["subject0"]["inputs"]["mask"] = ["mask3", 0]
         return g, r"2 image\(s\) but 3 mask\(s\)"
+    if name == "image encoder differs":
+        g["adapter"]["inputs"]["adapter_name"] = "vit_h_moa.safetensors"
+        return g, r"clip_vision gives 768-d image embeddings, but the adapter expects clip_vit_h14 \(1024-d\)"
+    if name == "not an SD1.5 model":
+        g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd2_unet.safetensors",
+                                                          "weight_dtype": "default"}}
+        g["apply"]["inputs"]["model"] = ["unet", 0]
+        return g, r"model is SD20 \(context_dim 1024\); MoA adapters run on SD1.5 models"
     if name == "missing adapter file":
         g["adapter"]["inputs"]["adapter_name"] = "nope.safetensors"
         return g, None          # rejected at validation (HTTP 400)
@@ -118,7 +126,8 @@ def _bad(name):
 
 
 @pytest.mark.parametrize("case", ["word not in prompt", "more subjects than words", "mask size differs",
-                                  "empty mask", "batch lengths differ", "missing adapter file"])
+                                  "empty mask", "batch lengths differ", "image encoder differs",
+                                  "not an SD1.5 model", "missing adapter file"])
 def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, server_inputs, case):
     g, pattern = _bad(case)
     if pattern is None:
