@@ -21,10 +21,6 @@ from .router import apply_strength, hard_route
 AttentionFn = Callable[..., torch.Tensor]
 
 
-def self_attn_kind(kind: str) -> bool:
-    return kind == "attn1"
-
-
 def subject_attention_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
                            subject_tokens: list[list[list[int]]]) -> list[list[torch.Tensor]]:
     """Cross-attention probability of every pixel for each subject's tokens, head-averaged:
@@ -79,16 +75,16 @@ class MoAAttention(nn.Module):
         state: CallState | None = transformer_options.get(STATE_KEY)
         if state is None or mask is not None:
             return prior_out
-        return self.mix(x, q, k, v, prior_out, state, transformer_options,
-                        ctx if self.kind == "attn1" else None, value if self.kind == "attn1" else None)
+        return self.mix(x, q, k, v, prior_out, state, transformer_options, ctx, value)
 
     def mix(self, x, q, k, v, prior_out, state: CallState, transformer_options: dict,
-            self_context: torch.Tensor | None = None, self_value: torch.Tensor | None = None) -> torch.Tensor:
+            context: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         """The personalized branch for the rows that carry a subject, mixed in by the router.
 
         attn1 keys/values come from what the prior attended to (x, or what an attn1 patch of
         another pack made of it); attn2's come from the multimodal prompt."""
         rows = state.rows
+        self_attn = self.kind == "attn1"
         xr, prior_r = x[rows], prior_out[rows]
         hw = layer_hw(x.shape[1], transformer_options, state.latent_hw)
         share = apply_strength(self.moa.router(xr), state.settings.strength)
@@ -97,15 +93,13 @@ class MoAAttention(nn.Module):
             share = share * region
         if state.settings.hard:
             share = hard_route(share)
-        capture_maps = state.capture is not None and not self_attn_kind(self.kind) and state.subject_tokens
         if state.recorder is not None:
             state.recorder.record(self.path, share, hw, state.latent_index, state.latent_hw, state.latent_batch)
 
         expert = self.moa.expert
-        self_attn = self.kind == "attn1"
         if self_attn:
-            kctx = xr if self_context is None else self_context[rows]
-            vctx = kctx if self_value is None else self_value[rows]
+            kctx = xr if context is None else context[rows]
+            vctx = kctx if value is None else value[rows]
             kp = expert.project("to_k", kctx, self.to_k, k[rows])
             vp = expert.project("to_v", vctx, self.to_v, v[rows])
         else:
@@ -119,7 +113,8 @@ class MoAAttention(nn.Module):
             personal = expert.project("to_out", self._attend(qp, kp, vp, None, transformer_options), to_out)
             mixed = prior_r + share.to(prior_r.dtype) * (personal - prior_r)
             if state.capture is not None:
-                maps = subject_attention_maps(qp, kp, self.heads, state.subject_tokens) if capture_maps else None
+                wants_maps = not self_attn and state.subject_tokens
+                maps = subject_attention_maps(qp, kp, self.heads, state.subject_tokens) if wants_maps else None
                 state.capture.append((self.path, share, maps))
             return prior_out.index_copy(0, rows, mixed)
 

@@ -334,6 +334,8 @@ def run(cfg: TrainConfig) -> int:
     alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
 
     checkpoints = _checkpoints(cfg.output_dir) if cfg.resume else []
+    if cfg.resume and not checkpoints and rank == 0:
+        print(f"--resume: no checkpoint in {cfg.output_dir / 'checkpoints'} yet, starting from a fresh adapter")
     if checkpoints:
         adapter = load_adapter(checkpoints[-1] / "adapter.safetensors")
         adapter.requires_grad_(True)
