@@ -154,24 +154,25 @@ def read_manifest(root: str | Path) -> tuple[list[Record], list[Problem]]:
     return records, problems
 
 
+def _load(path: Path, mode: str, size: int | None, resample: int) -> torch.Tensor:
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert(mode)
+        if size is not None:
+            im = im.resize((size, size), resample)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+
+
 def load_image(path: Path, size: int | None = None) -> torch.Tensor:
     """[H, W, 3] float in [0, 1] (ComfyUI IMAGE layout), optionally resized to a square."""
     from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None:
-            im = im.resize((size, size), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+    return _load(path, "RGB", size, Image.BICUBIC)
 
 
 def load_mask(path: Path, size: int | None = None) -> torch.Tensor:
     """[H, W] float in [0, 1], 1 = subject."""
     from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("L")
-        if size is not None:
-            im = im.resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+    return _load(path, "L", size, Image.BILINEAR)
 
 
 def main(argv: list[str] | None = None) -> int:
