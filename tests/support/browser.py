@@ -52,7 +52,10 @@ def start_chromium(width: int = 1600, height: int = 1000):
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(chromium_binary())
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                f"--window-size={width},{height}", f"--user-data-dir={profile}", "--disable-background-networking"):
+                f"--window-size={width},{height}", f"--user-data-dir={profile}", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-quic",
+                # loopback only: the editor's look-ups of the Comfy registry never leave the machine
+                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(chromedriver())), options=opts)
