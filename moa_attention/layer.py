@@ -71,23 +71,18 @@ class MoAAttention(nn.Module):
         ctx = x if context is None else context
         k = self.to_k(ctx)
         v = self.to_v(value if value is not None else ctx)
-        prior_out = self.to_out(self._attend(q, k, v, mask, transformer_options))
         state: CallState | None = transformer_options.get(STATE_KEY)
+        if state is not None and mask is None and state.settings.hard:
+            return self.hard_mix(x, q, k, v, state, transformer_options, ctx, value)
+        prior_out = self.to_out(self._attend(q, k, v, mask, transformer_options))
         if state is None or mask is not None:
             return prior_out
         return self.mix(x, q, k, v, prior_out, state, transformer_options, ctx, value)
 
-    def mix(self, x, q, k, v, prior_out, state: CallState, transformer_options: dict,
-            context: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
-        """The personalized branch for the rows that carry a subject, mixed in by the router.
-
-        attn1 keys/values come from what the prior attended to (x, or what an attn1 patch of
-        another pack made of it); attn2's come from the multimodal prompt."""
-        rows = state.rows
-        self_attn = self.kind == "attn1"
-        xr, prior_r = x[rows], prior_out[rows]
+    def routed_share(self, x: torch.Tensor, state: CallState, transformer_options: dict) -> torch.Tensor:
+        """[R, N, 1] personalized share of the personalized rows (strength, region, routing applied)."""
         hw = layer_hw(x.shape[1], transformer_options, state.latent_hw)
-        share = apply_strength(self.moa.router(xr), state.settings.strength)
+        share = apply_strength(self.moa.router(x[state.rows]), state.settings.strength)
         region = state.region_at(*hw, like=x)
         if region is not None:
             share = share * region
@@ -95,40 +90,72 @@ class MoAAttention(nn.Module):
             share = hard_route(share)
         if state.recorder is not None:
             state.recorder.record(self.path, share, hw, state.latent_index, state.latent_hw, state.latent_batch)
+        return share
 
-        expert = self.moa.expert
-        if self_attn:
-            kctx = xr if context is None else context[rows]
+    def personal_kv(self, x, k, v, state: CallState, context=None, value=None):
+        """Personalized keys/values of the personalized rows: attn1 attends to what the prior
+        attended to (x, or what another pack's attn1 patch made of it), attn2 to the
+        multimodal prompt."""
+        rows, expert = state.rows, self.moa.expert
+        if self.kind == "attn1":
+            kctx = x[rows] if context is None else context[rows]
             vctx = kctx if value is None else value[rows]
-            kp = expert.project("to_k", kctx, self.to_k, k[rows])
-            vp = expert.project("to_v", vctx, self.to_v, v[rows])
-        else:
-            pctx = state.personal_context.to(x.dtype)
-            kp = expert.project("to_k", pctx, self.to_k)
-            vp = expert.project("to_v", pctx, self.to_v)
+            return (expert.project("to_k", kctx, self.to_k, k[rows]),
+                    expert.project("to_v", vctx, self.to_v, v[rows]))
+        pctx = state.personal_context.to(x.dtype)
+        return expert.project("to_k", pctx, self.to_k), expert.project("to_v", pctx, self.to_v)
+
+    def hard_mix(self, x, q, k, v, state: CallState, transformer_options: dict, context=None, value=None):
+        """Top-1 routing: each pixel is computed by one expert only. The prior's attention is
+        skipped for the pixels routed to the subject, the expert's for all the others."""
+        rows = state.rows
+        share = self.routed_share(x, state, transformer_options)
+        personalized = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        personalized[rows] = True
+        attn = torch.empty_like(q)
+        others = (~personalized).nonzero().squeeze(1)
+        if others.numel():
+            attn[others] = self._attend(q[others], k[others], v[others], None, transformer_options)
+        selected = []
+        for i, r in enumerate(rows.tolist()):
+            sel = share[i, :, 0] > 0
+            keep = (~sel).nonzero().squeeze(1)
+            if keep.numel():
+                attn[r, keep] = self._attend(q[r:r + 1, keep], k[r:r + 1], v[r:r + 1], None, transformer_options)[0]
+            selected.append(sel.nonzero().squeeze(1))
+        out = self.to_out(attn)
+        if not any(s.numel() for s in selected):
+            return out
+        kp, vp = self.personal_kv(x, k, v, state, context, value)
+        expert = self.moa.expert
         to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
-
-        if not state.settings.hard:
-            qp = expert.project("to_q", xr, self.to_q, q[rows])
-            personal = expert.project("to_out", self._attend(qp, kp, vp, None, transformer_options), to_out)
-            mixed = prior_r + share.to(prior_r.dtype) * (personal - prior_r)
-            if state.capture is not None:
-                wants_maps = not self_attn and state.subject_tokens
-                maps = subject_attention_maps(qp, kp, self.heads, state.subject_tokens) if wants_maps else None
-                state.capture.append((self.path, share, maps))
-            return prior_out.index_copy(0, rows, mixed)
-
-        # hard routing: the personalized expert runs only for the pixels routed to it
-        out = prior_out.clone()
-        qr = q[rows]
-        for i in range(rows.shape[0]):
-            sel = share[i, :, 0].nonzero().squeeze(1)
+        for i, r in enumerate(rows.tolist()):
+            sel = selected[i]
             if sel.numel() == 0:
                 continue
-            qp = expert.project("to_q", xr[i:i + 1, sel], self.to_q, qr[i:i + 1, sel])
-            attn = self._attend(qp, kp[i:i + 1], vp[i:i + 1], None, transformer_options)
-            out[rows[i], sel] = expert.project("to_out", attn, to_out)[0]
+            qp = expert.project("to_q", x[r:r + 1, sel], self.to_q, q[r:r + 1, sel])
+            a = self._attend(qp, kp[i:i + 1], vp[i:i + 1], None, transformer_options)
+            out[r, sel] = expert.project("to_out", a, to_out)[0].to(out.dtype)
         return out
+
+    def mix(self, x, q, k, v, prior_out, state: CallState, transformer_options: dict,
+            context: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft routing: the personalized branch for the rows that carry a subject, blended in
+        per pixel by the router's share."""
+        rows = state.rows
+        prior_r = prior_out[rows]
+        share = self.routed_share(x, state, transformer_options)
+        kp, vp = self.personal_kv(x, k, v, state, context, value)
+        expert = self.moa.expert
+        to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
+        qp = expert.project("to_q", x[rows], self.to_q, q[rows])
+        personal = expert.project("to_out", self._attend(qp, kp, vp, None, transformer_options), to_out)
+        mixed = prior_r + share.to(prior_r.dtype) * (personal - prior_r)
+        if state.capture is not None:
+            wants_maps = self.kind == "attn2" and state.subject_tokens
+            maps = subject_attention_maps(qp, kp, self.heads, state.subject_tokens) if wants_maps else None
+            state.capture.append((self.path, share, maps))
+        return prior_out.index_copy(0, rows, mixed)
 
 
 def install_layers(diffusion_model: nn.Module, adapter, attention: AttentionFn = sdpa_attention):

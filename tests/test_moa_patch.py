@@ -127,8 +127,10 @@ def test_uncond_rows_and_other_batch_rows_stay_prior(comfy, engine, tiny_model):
     assert torch.allclose(maps, torch.ones_like(maps))
 
 
-def test_region_mask_keeps_the_layer_output_outside_exactly_prior(engine, tiny_model):
-    """Per layer, pixels outside the region get the prior's output bit for bit; inside they change."""
+@pytest.mark.parametrize("hard", [False, True])
+def test_region_mask_keeps_the_layer_output_outside_exactly_prior(engine, tiny_model, hard):
+    """Per layer, pixels outside the region get the prior's output bit for bit; inside they change.
+    Hard routing computes the prior only for the pixels outside: they must still be exact."""
     adapter, call_state, comfy_patch, layer = engine
     ad = fresh_adapter(engine, tiny_model)
     perturb(ad)
@@ -144,7 +146,8 @@ def test_region_mask_keeps_the_layer_output_outside_exactly_prior(engine, tiny_m
     region[:, : w // 2] = 1.0
     state = call_state.CallState(rows=torch.tensor([0, 1]), personal_context=ctx + 1.0,
                                  regions=region[None, None].repeat(2, 1, 1, 1), latent_index=[0, 1],
-                                 settings=call_state.MoASettings(), recorder=None, latent_hw=(h, w), latent_batch=2)
+                                 settings=call_state.MoASettings(hard=hard), recorder=None, latent_hw=(h, w),
+                                 latent_batch=2)
     opts = {"activations_shape": [2, spec.query_dim, h, w]}
     with torch.no_grad():
         ref = prior(x, context=ctx)
