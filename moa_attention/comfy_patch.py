@@ -28,7 +28,8 @@ from .unet_layers import LayerSpec, find_attention_layers
 log = logging.getLogger("comfyui-moa")
 
 KEY = "moa"
-#: strength above this adds nothing the renormalised share can still show, and invites abuse
+#: above this the renormalised share is all but saturated: any pixel the router did not give wholly
+#: to the prior goes to the subject
 MAX_STRENGTH = 3.0
 
 

@@ -53,7 +53,7 @@ def word_tokens(clip, word: str) -> WordTokens:
 def describe(clip, chunks: list[list[int]]) -> str:
     tok = _sd_tokenizer(clip)
     special = {tok.start_token, tok.end_token, getattr(tok, "pad_token", None)}
-    ids = [t for c in chunks for t in c if t not in special]
+    ids = [t for c in chunks for t in c if t not in special and t >= 0]   # -1: a textual-inversion embedding
     words = tok.tokenizer.convert_ids_to_tokens(ids)
     return "[" + ", ".join(repr(w.replace("</w>", "")) for w in words) + "]"
 
