@@ -28,8 +28,8 @@ from .unet_layers import LayerSpec, find_attention_layers
 log = logging.getLogger("comfyui-moa")
 
 KEY = "moa"
-#: above this the renormalised share is all but saturated: any pixel the router did not give wholly
-#: to the prior goes to the subject
+#: cap of the strength knob: at 3 a pixel the router gave 25% to the subject gets 50% (3s / (1 + 2s));
+#: far beyond it the knob would just overrule the router everywhere it gave the subject anything
 MAX_STRENGTH = 3.0
 
 
