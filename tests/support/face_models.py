@@ -40,7 +40,6 @@ def _anchor_values(bbox, kps, stride, cell):
 
 
 def build_detector(path: Path, faces=True) -> Path:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     stride = 32
@@ -104,6 +103,12 @@ def build_detector(path: Path, faces=True) -> Path:
         nodes, "fake_scrfd",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, DET_INPUT, DET_INPUT])],
         outputs["score"] + outputs["bbox"] + outputs["kps"], initializer=inits)
+    return _save(graph, path)
+
+
+def _save(graph, path: Path) -> Path:
+    import onnx
+    from onnx import helper
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="moa-tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -114,7 +119,6 @@ def build_detector(path: Path, faces=True) -> Path:
 
 def build_recognizer(path: Path, dim: int = 512) -> Path:
     """[1, 3, 112, 112] -> [1, dim]: global average pool and a fixed projection."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(0).standard_normal((3, dim)).astype(np.float32)
@@ -126,12 +130,7 @@ def build_recognizer(path: Path, dim: int = 512) -> Path:
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["None", 3, 112, 112])],
         [helper.make_tensor_value_info("683", TensorProto.FLOAT, ["None", dim])],
         initializer=[numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="moa-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def make_face_model_folder(root: Path, name: str = "fakeface", detector: str = "det_10g.onnx",
