@@ -550,7 +550,7 @@ def main() -> int:
         return tensor_peaks[name] if tensor_peaks else transient(name)
 
     base_cpu = per_step("unpatched", "unet_cpu")
-    base_step, base_wall, base_mem = per_step("unpatched"), best("unpatched", "wall"), mem_basis("unpatched")
+    base_step, base_mem = per_step("unpatched"), mem_basis("unpatched")
     first = results["unpatched"][0]["calls"]
     print(f"\nUNet calls per step: {len(first) // args.steps}, batch sizes {[c['batch'] for c in first]}, "
           f"cond_or_uncond {first[0]['cond_or_uncond'] if first else None}")
