@@ -192,3 +192,21 @@ def test_clear_errors_for_wrong_encoder_model_and_subjects(comfy, pack, loaded, 
         MoASubject().build(img, "old man", mask=mask)
     with pytest.raises(ValueError, match=r"region mask is empty"):
         MoASubject().build(img, "man", mask=mask, region=torch.zeros(1, 64, 64))
+
+
+def test_a_batch_of_reference_photos_is_one_identity(pack, loaded, photos):
+    """Several photos of a subject in one IMAGE input (one mask for all, or one each) are
+    encoded one by one and averaged."""
+    from comfyui_moa.moa_attention.comfy_prompt import SubjectInput, image_feature
+    from comfyui_moa.nodes.subject import MoASubject
+    _, _, clip_vision = loaded
+    img, mask = photos["man"]
+    flipped = img.flip(2)
+    batch = torch.cat([img, flipped])
+    (subject,) = MoASubject().build(batch, "man", mask=mask)[0]          # one mask broadcast to both
+    assert subject.masks.shape == (2, 512, 512)
+    both = image_feature(clip_vision, SubjectInput(subject.images, subject.masks, "man"), "t")
+    one = image_feature(clip_vision, SubjectInput(img, mask, "man"), "t")
+    other = image_feature(clip_vision, SubjectInput(flipped, mask, "man"), "t")
+    assert torch.allclose(both, (one + other) / 2, atol=1e-4)
+    assert not torch.allclose(one, other, atol=1e-4)
