@@ -47,6 +47,14 @@ def perturb(ad, scale=0.3, seed=1):
         p.data.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def trained_looking_adapter(engine, model, seed=0):
+    """personal != prior and every pixel routed to the personalized expert."""
+    ad = fresh_adapter(engine, model, seed=seed)
+    perturb(ad, seed=seed + 1)
+    force_router(ad, personal=True)
+    return ad
+
+
 def bind(engine, plain, fused=None, region=None):
     return [engine[1].SubjectBinding(plain=plain, fused=plain.clone() if fused is None else fused, region=region)]
 
@@ -71,9 +79,7 @@ def test_fresh_adapter_is_bit_identical_whatever_the_router_says(comfy, engine, 
 def test_strength_zero_and_prior_router_reproduce_the_base_model(comfy, engine, tiny_model):
     plain, pos, neg = conds()
     base = sample(comfy, tiny_model, pos, neg)
-    ad = fresh_adapter(engine, tiny_model)
-    perturb(ad)
-    force_router(ad, personal=True)
+    ad = trained_looking_adapter(engine, tiny_model)
     moa = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
     changed = sample(comfy, moa, pos, neg)
     assert (changed - base).abs().max() > 1e-2, "a perturbed adapter must change the result"
@@ -89,9 +95,7 @@ def test_strength_zero_and_prior_router_reproduce_the_base_model(comfy, engine, 
 def test_schedule_window_outside_the_run_is_the_base_model(comfy, engine, tiny_model):
     plain, pos, neg = conds()
     base = sample(comfy, tiny_model, pos, neg)
-    ad = fresh_adapter(engine, tiny_model)
-    perturb(ad)
-    force_router(ad, personal=True)
+    ad = trained_looking_adapter(engine, tiny_model)
     late = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), start_percent=0.0, end_percent=0.0)
     assert torch.equal(sample(comfy, late, pos, neg), base)
     partial = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), start_percent=0.5, end_percent=1.0)
@@ -104,9 +108,7 @@ def test_unmatched_prompt_runs_the_prior_and_warns(comfy, engine, tiny_model, ca
     plain, pos, neg = conds()
     other, pos_other, _ = conds(seed=5)
     base = sample(comfy, tiny_model, pos_other, neg)
-    ad = fresh_adapter(engine, tiny_model)
-    perturb(ad)
-    force_router(ad, personal=True)
+    ad = trained_looking_adapter(engine, tiny_model)
     moa = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
     with caplog.at_level("WARNING", logger="comfyui-moa"):
         out = sample(comfy, moa, pos_other, neg)
@@ -132,9 +134,7 @@ def test_region_mask_keeps_the_layer_output_outside_exactly_prior(engine, tiny_m
     """Per layer, pixels outside the region get the prior's output bit for bit; inside they change.
     Hard routing computes the prior only for the pixels outside: they must still be exact."""
     adapter, call_state, comfy_patch, layer = engine
-    ad = fresh_adapter(engine, tiny_model)
-    perturb(ad)
-    force_router(ad, personal=True)
+    ad = trained_looking_adapter(engine, tiny_model)
     dm = tiny_model.get_model_object("diffusion_model")
     spec = next(s for s in adapter.find_attention_layers(dm) if s.kind == "attn2")
     prior = comfy_patch.original_attention(tiny_model, spec.path)
@@ -160,11 +160,7 @@ def test_region_mask_keeps_the_layer_output_outside_exactly_prior(engine, tiny_m
 def test_no_leakage_between_clones_and_the_original(comfy, engine, tiny_model):
     plain, pos, neg = conds()
     base = sample(comfy, tiny_model, pos, neg)
-    ad_a, ad_b = fresh_adapter(engine, tiny_model, seed=1), fresh_adapter(engine, tiny_model, seed=2)
-    perturb(ad_a, seed=1)
-    perturb(ad_b, seed=2)
-    force_router(ad_a, True)
-    force_router(ad_b, True)
+    ad_a, ad_b = trained_looking_adapter(engine, tiny_model, seed=1), trained_looking_adapter(engine, tiny_model, seed=2)
     a = engine[2].apply_moa(tiny_model, ad_a, bind(engine, plain))
     b = engine[2].apply_moa(tiny_model, ad_b, bind(engine, plain))
     out_a, out_b = sample(comfy, a, pos, neg), sample(comfy, b, pos, neg)
@@ -212,9 +208,7 @@ def test_lora_before_or_after_moa_still_applies(comfy, engine, tiny_model, caplo
         lora_only, _ = load_lora_for_models(tiny_model, None, lora, 1.0, 0.0)
         ref = sample(comfy, lora_only, pos, neg)
         assert not torch.equal(ref, base)
-        ad = fresh_adapter(engine, tiny_model)
-        perturb(ad)
-        force_router(ad, True)
+        ad = trained_looking_adapter(engine, tiny_model)
         before = engine[2].apply_moa(lora_only, ad, bind(engine, plain), strength=0.0)
         assert torch.equal(sample(comfy, before, pos, neg), ref)
         moa_zero = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), strength=0.0)
@@ -261,9 +255,7 @@ def test_controlnet_composes_with_moa(comfy, engine, tiny_model, tiny_unet_confi
     base = sample(comfy, tiny_model, pos, neg)
     with_cn = sample(comfy, tiny_model, cpos, cneg)
     assert not torch.equal(with_cn, base)
-    ad = fresh_adapter(engine, tiny_model)
-    perturb(ad)
-    force_router(ad, True)
+    ad = trained_looking_adapter(engine, tiny_model)
     zero = engine[2].apply_moa(tiny_model, ad, bind(engine, plain), strength=0.0)
     assert torch.equal(sample(comfy, zero, cpos, cneg), with_cn)        # ControlNet untouched by MoA
     on = engine[2].apply_moa(tiny_model, ad, bind(engine, plain))
@@ -289,9 +281,7 @@ def test_other_attention_patches_compose_with_moa(comfy, engine, tiny_model):
     other.set_model_attn2_replace(attn2_replace, "middle", 0)
     ref = sample(comfy, other, pos, neg)
     assert not torch.equal(ref, sample(comfy, tiny_model, pos, neg))
-    ad = fresh_adapter(engine, tiny_model)
-    perturb(ad)
-    force_router(ad, True)
+    ad = trained_looking_adapter(engine, tiny_model)
     assert torch.equal(sample(comfy, engine[2].apply_moa(other, ad, bind(engine, plain), strength=0.0), pos, neg),
                        ref)
     on = engine[2].apply_moa(other, ad, bind(engine, plain))
