@@ -1,7 +1,8 @@
 """Router-map capture: where, per layer and step, the router sent pixels to the subject.
 
 Maps are accumulated at latent resolution (a running sum and a count per layer), so memory
-stays at layers x batch x latent pixels however many steps run."""
+stays at layers x batch x latent pixels however many steps run. The sums stay on the device
+the UNet runs on: copying each layer's map to the CPU would stall a GPU 32 times per step."""
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,7 @@ class RouterRecorder:
         grid = share.detach().float().reshape(share.shape[0], 1, *hw)
         if hw != tuple(latent_hw):
             grid = F.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False)
-        grid = grid[:, 0].cpu()
+        grid = grid[:, 0]
         if self.latent_hw != tuple(latent_hw) or batch_size > self.batch_size:
             if self.latent_hw is not None and self.latent_hw != tuple(latent_hw):
                 self.reset()
@@ -38,8 +39,8 @@ class RouterRecorder:
             self.batch_size = max(batch_size, self.batch_size)
         if path not in self.sums or self.sums[path].shape[0] < self.batch_size:
             old_s, old_c = self.sums.get(path), self.counts.get(path)
-            self.sums[path] = torch.zeros(self.batch_size, *latent_hw)
-            self.counts[path] = torch.zeros(self.batch_size)
+            self.sums[path] = torch.zeros(self.batch_size, *latent_hw, device=grid.device)
+            self.counts[path] = torch.zeros(self.batch_size, device=grid.device)
             if old_s is not None:
                 self.sums[path][: old_s.shape[0]] = old_s
                 self.counts[path][: old_c.shape[0]] = old_c
@@ -61,6 +62,6 @@ class RouterRecorder:
         missing = [p for p in layers if p not in self.sums]
         if missing:
             raise KeyError(f"no router map for layer(s) {missing}; recorded: {self.layers}")
-        total = sum(self.sums[p] for p in layers)
-        count = sum(self.counts[p] for p in layers)
+        total = sum(self.sums[p].cpu() for p in layers)
+        count = sum(self.counts[p].cpu() for p in layers)
         return total / count.clamp_min(1)[:, None, None]
