@@ -1,5 +1,13 @@
-"""The MoA engine: router-gated dual-branch attention, adapter format, prompt fusion, trainer.
+"""comfyui-moa's implementation, in four layers (imports point down this list, never up):
 
-Pure torch except `comfy_patch` and `comfy_prompt`, which are the only modules that know
-ComfyUI. Nothing here imports ComfyUI at import time."""
+- comfyui/  the only code that knows ComfyUI: the ModelPatcher patch, which batch rows are
+            personalized, prompt and subject encoding with ComfyUI's CLIP objects, the
+            loaded-adapter bookkeeping and the model checks;
+- engine/   pure torch: the MoA attention layer, router, experts, fusion MLP, per-call state
+            and its observers, the adapter module and file format. Never imports ComfyUI;
+- training/ the offline trainer (`python -m moa_attention.train`); nothing else imports it;
+- faces/    optional insightface face alignment for human subjects.
+
+The node classes live in the pack's nodes/ folder, not here.
+"""
 __version__ = "0.1.0"

@@ -1,10 +1,10 @@
 """MoA Adapter Loader: a .safetensors adapter from models/moa, validated on load."""
 from __future__ import annotations
 
-import os
+from ..moa_attention.comfyui.adapters import AdapterCache
+from .common import ADAPTER_TYPE, CATEGORY, MODEL_FOLDER, refusals, refuse
 
-from ..moa_attention.adapter_io import load_adapter
-from .common import ADAPTER_TYPE, CATEGORY, MODEL_FOLDER
+NODE = "MoA Adapter Loader"
 
 
 class MoAAdapterLoader:
@@ -15,7 +15,7 @@ class MoAAdapterLoader:
     OUTPUT_TOOLTIPS = ("The MoA adapter, for MoA Apply.",)
     FUNCTION = "load"
 
-    _cache: dict[str, tuple[float, object]] = {}
+    _cache = AdapterCache()
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -28,12 +28,7 @@ class MoAAdapterLoader:
         import folder_paths
         path = folder_paths.get_full_path(MODEL_FOLDER, adapter_name)
         if path is None:
-            raise FileNotFoundError(f"MoA adapter '{adapter_name}' is not in any models/moa folder "
-                                    f"({folder_paths.get_folder_paths(MODEL_FOLDER)}). Copy it there and press R.")
-        mtime = os.path.getmtime(path)
-        cached = self._cache.get(path)
-        if cached is None or cached[0] != mtime:
-            adapter = load_adapter(path)
-            adapter.name = adapter_name
-            self._cache[path] = (mtime, adapter)
-        return (self._cache[path][1],)
+            raise refuse(NODE, f"adapter_name '{adapter_name}' is not in any models/moa folder "
+                               f"({folder_paths.get_folder_paths(MODEL_FOLDER)}). Copy it there and press R.")
+        with refusals(NODE):
+            return (self._cache.get(path, adapter_name),)

@@ -1,23 +1,13 @@
 """MoA Apply: patch a model with a MoA adapter and bind subjects to the prompt."""
 from __future__ import annotations
 
-from ..moa_attention.adapter_io import AdapterFileError
-from ..moa_attention.comfy_patch import MAX_STRENGTH, apply_moa
-from ..moa_attention.comfy_prompt import SubjectInput, build_bindings, image_feature_dim
-from ..moa_attention.prompt_tokens import ClassWordError
-from ..moa_attention.subject_images import SubjectImageError
-from .common import ADAPTER_TYPE, CATEGORY, SUBJECTS_TYPE
+from ..moa_attention.comfyui.models import check_image_encoder, check_sd15_model
+from ..moa_attention.comfyui.patch import MAX_STRENGTH, apply_moa
+from ..moa_attention.comfyui.subjects import build_bindings
+from .common import ADAPTER_TYPE, CATEGORY, SUBJECTS_TYPE, refusals, refuse
 
+NODE = "MoA Apply"
 ROUTING = ("soft", "hard")
-
-
-def check_sd15(model) -> None:
-    cfg = getattr(getattr(model, "model", None), "model_config", None)
-    unet = getattr(cfg, "unet_config", {}) or {}
-    if unet.get("context_dim") != 768 or unet.get("in_channels", 4) != 4 or unet.get("adm_in_channels"):
-        name = type(cfg).__name__ if cfg is not None else type(model).__name__
-        raise ValueError(f"MoA Apply: model is {name} (context_dim {unet.get('context_dim')}); MoA adapters run on "
-                         f"SD1.5 models. Load an SD1.5 checkpoint")
 
 
 class MoAApply:
@@ -57,28 +47,23 @@ class MoAApply:
 
     def apply(self, model, moa_adapter, clip, clip_vision, subjects, prompt, strength, start_percent,
               end_percent, routing):
-        if clip is None:
-            raise ValueError("MoA Apply: clip is None: the checkpoint has no text encoder. Load an SD1.5 "
-                             "checkpoint that includes CLIP, or add a CLIP loader")
         if not subjects:
-            raise ValueError("MoA Apply: subjects is empty. Connect a MoA Subject node")
+            raise refuse(NODE, "subjects is empty. Connect a MoA Subject node")
         if routing not in ROUTING:
-            raise ValueError(f"MoA Apply: routing must be one of {ROUTING}, got {routing!r}")
+            raise refuse(NODE, f"routing must be one of {ROUTING}, got {routing!r}")
+        if not 0.0 <= strength <= MAX_STRENGTH:          # also NaN, which JSON and ComfyUI's range check let through
+            raise refuse(NODE, f"strength must be a number in [0, {MAX_STRENGTH}], got {strength}. Set it on the node "
+                               f"(1 = as trained)")
+        for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+            if not 0.0 <= value <= 1.0:
+                raise refuse(NODE, f"{name} must be a number in [0, 1], got {value}. Set it on the node")
         if start_percent > end_percent:
-            raise ValueError(f"MoA Apply: start_percent ({start_percent}) is after end_percent ({end_percent})")
-        check_sd15(model)
-        cfg = moa_adapter.config
-        dim = image_feature_dim(clip_vision)
-        if dim is not None and dim != cfg.image_dim:
-            raise ValueError(f"MoA Apply: clip_vision gives {dim}-d image embeddings, but the adapter expects "
-                             f"{cfg.image_encoder} ({cfg.image_dim}-d). Load the CLIP ViT-L/14 vision model "
-                             f"(e.g. clip_vision_vit_l14.safetensors) in Load CLIP Vision")
-        name = getattr(moa_adapter, "name", "adapter")
-        inputs = [SubjectInput(s.images, s.masks, s.class_word, s.region) for s in subjects]
-        try:
-            conditioning, bindings = build_bindings(clip, clip_vision, moa_adapter.fusion, prompt, inputs)
+            raise refuse(NODE, f"start_percent ({start_percent}) is after end_percent ({end_percent}). Make "
+                               f"start_percent the smaller one")
+        with refusals(NODE):
+            check_sd15_model(model)
+            check_image_encoder(clip_vision, moa_adapter.config.image_encoder, moa_adapter.config.image_dim)
+            conditioning, bindings = build_bindings(clip, clip_vision, moa_adapter.adapter.fusion, prompt, subjects)
             patched = apply_moa(model, moa_adapter, bindings, strength=strength, start_percent=start_percent,
-                                end_percent=end_percent, hard_routing=routing == "hard", adapter_name=name)
-        except (ClassWordError, SubjectImageError, AdapterFileError) as e:
-            raise ValueError(f"MoA Apply: {e}") from None
+                                end_percent=end_percent, hard_routing=routing == "hard")
         return (patched, conditioning)

@@ -1,7 +1,11 @@
-"""Names shared by the node files: category, custom types, the model folders."""
+"""What the node files share: category, custom types, model folders, how refusals leave a node."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from ..moa_attention.engine.errors import MoAError, MoAInputError
 
 CATEGORY = "MoA"
 ADAPTER_TYPE = "MOA_ADAPTER"
@@ -30,3 +34,18 @@ def register_model_folder() -> None:
     """models/moa for adapters, and models/insightface for MoA Face Align."""
     _register_folder(MODEL_FOLDER, {".safetensors"})
     register_insightface_folder()
+
+
+@contextmanager
+def refusals(node: str) -> Iterator[None]:
+    """Errors of the pack leave a node led by the node's display name, with their type and
+    cause kept (ComfyUI shows the type and message in its error dialog)."""
+    try:
+        yield
+    except MoAError as e:
+        raise e.with_prefix(node) from e
+
+
+def refuse(node: str, message: str) -> MoAInputError:
+    """A node's own input check: `raise refuse("MoA Apply", "routing must be ...")`."""
+    return MoAInputError(f"{node}: {message}")

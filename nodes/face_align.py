@@ -4,8 +4,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..moa_attention import face_align as engine
-from .common import CATEGORY, INSIGHTFACE_FOLDER, register_insightface_folder
+from ..moa_attention.faces import align as faces
+from .common import CATEGORY, INSIGHTFACE_FOLDER, refusals, refuse, register_insightface_folder
+
+NODE = "MoA Face Align"
 
 log = logging.getLogger("comfyui-moa")
 
@@ -26,7 +28,7 @@ def face_model_names() -> list[str]:
         models = root / "models"
         if models.is_dir():
             found += sorted(p.name for p in models.iterdir() if p.is_dir() and p.name not in found)
-    return found + [n for n in engine.KNOWN_MODELS if n not in found]
+    return found + [n for n in faces.KNOWN_MODELS if n not in found]
 
 
 def face_model_root(name: str) -> Path:
@@ -63,13 +65,13 @@ class MoAFaceAlign:
                                "detector is used): buffalo_l (det_10g.onnx) or antelopev2 "
                                "(scrfd_10g_bnkps.onnx). The .onnx files must lie directly in that folder. Press R "
                                "to refresh the list after copying one in."}),
-                "provider": (list(engine.PROVIDERS), {"default": "CPU", "tooltip":
+                "provider": (list(faces.PROVIDERS), {"default": "CPU", "tooltip":
                              "Where onnxruntime runs the detector. CPU always works and is fast enough for a "
                              "few photos; CUDA/ROCm/DirectML/OpenVINO/CoreML need the matching onnxruntime "
                              "package (otherwise it falls back to the CPU with a warning)."}),
                 "size": ("INT", {"default": 224, "min": 64, "max": 2048, "step": 8, "tooltip":
                          "Side of the square output in pixels. 224 is what the CLIP image encoder sees."}),
-                "crop_scale": ("FLOAT", {"default": engine.DEFAULT_CROP_SCALE, "min": 1.0, "max": 4.0,
+                "crop_scale": ("FLOAT", {"default": faces.DEFAULT_CROP_SCALE, "min": 1.0, "max": 4.0,
                                          "step": 0.05, "tooltip":
                                "How much around the face to keep, as a multiple of the tight ArcFace face box "
                                "(eyebrows to lower lip). 1.0 = that tight box (insightface norm_crop); 1.6 = "
@@ -83,20 +85,21 @@ class MoAFaceAlign:
 
     def align(self, image, face_model, provider, size, crop_scale, if_no_face):
         if if_no_face not in IF_NO_FACE:
-            raise ValueError(f"MoA Face Align: if_no_face must be one of {IF_NO_FACE}, got {if_no_face!r}")
+            raise refuse(NODE, f"if_no_face must be one of {IF_NO_FACE}, got {if_no_face!r}")
         root = face_model_root(face_model)
-        engine.find_face_models(root, face_model)        # folder errors before anything is imported
-        engine.import_insightface()                      # install hint if insightface is missing
-        providers = engine.resolve_providers(provider)
-        analysis = engine.load_face_analysis(root, face_model, providers=providers)
-        aligned, masks, found = engine.align_faces(image, analysis, size=size, crop_scale=crop_scale)
+        with refusals(NODE):
+            faces.find_face_models(root, face_model)    # folder errors before anything is imported
+            faces.import_insightface()                  # install hint if insightface is missing
+            providers = faces.resolve_providers(provider)
+            analysis = faces.load_face_analysis(root, face_model, providers=providers)
+            aligned, masks, found = faces.align_faces(image, analysis, size=size, crop_scale=crop_scale)
         missing = [i + 1 for i, ok in enumerate(found) if not ok]
         if missing:
             which = ", ".join(str(i) for i in missing)
             where = (f"photo {which} of {len(found)}" if len(missing) == 1 else f"photos {which} of {len(found)}")
             if if_no_face == "error":
-                raise ValueError(
-                    f"MoA Face Align: no face found in {where} (face model '{face_model}'). Use a photo where the "
+                raise refuse(NODE,
+                    f"no face found in {where} (face model '{face_model}'). Use a photo where the "
                     f"face is clearly visible, roughly frontal and not tiny (crop a large photo around the person), "
                     f"remove that photo from the batch, or set if_no_face to 'keep original' to pass it through "
                     f"uncropped.")

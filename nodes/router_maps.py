@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..moa_attention.comfy_patch import get_controller
-from .common import CATEGORY
+from ..moa_attention.comfyui.patch import get_controller
+from .common import CATEGORY, refusals, refuse
+
+NODE = "MoA Router Maps"
 
 LAYER_SETS = ("all layers", "self-attention (attn1)", "cross-attention (attn2)", "input blocks",
               "middle block", "output blocks")
@@ -58,13 +60,20 @@ class MoARouterMaps:
     def maps(self, model, samples, layers, image=None, opacity=0.5):
         controller = get_controller(model)
         if controller is None:
-            raise ValueError("MoA Router Maps: model has no MoA patch. Connect the MODEL output of MoA Apply")
+            raise refuse(NODE, "model has no MoA patch. Connect the MODEL output of MoA Apply")
+        if layers not in LAYER_SETS:
+            raise refuse(NODE, f"layers must be one of {LAYER_SETS}, got {layers!r}")
         recorder = controller.recorder
+        if not recorder.layers:
+            raise refuse(NODE, "nothing was recorded: no sampler has run this model with a subject yet. Connect this "
+                               "node's samples input to the KSampler that uses MoA Apply's model, give that sampler "
+                               "MoA Apply's positive conditioning, and a start/end range that covers some steps")
         chosen = select_layers(recorder.layers, layers)
         if not chosen:
-            raise ValueError(f"MoA Router Maps: nothing recorded for '{layers}'. Sample with this model first, with "
-                             f"MoA Apply's positive conditioning and a start/end range that covers some steps")
-        share = recorder.average(chosen)                              # [B, h, w]
+            raise refuse(NODE, f"layers '{layers}' has no attention layers in this model (it has "
+                               f"{len(recorder.layers)}: {recorder.layers[0]} ...). Choose 'all layers' or another set")
+        with refusals(NODE):
+            share = recorder.average(chosen)                          # [B, h, w]
         lat = samples["samples"]
         b = lat.shape[0]
         if share.shape[0] < b:

@@ -1,20 +1,9 @@
 """MoA Subject: reference image(s) + mask(s) + the class word that names the subject."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-from ..moa_attention.subject_images import SubjectImageError, check_images_and_masks
-from .common import CATEGORY, SUBJECTS_TYPE
-
-
-@dataclass(frozen=True)
-class Subject:
-    images: torch.Tensor            # [B, H, W, 3]
-    masks: torch.Tensor             # [B, H, W], 1 = subject
-    class_word: str
-    region: torch.Tensor | None     # [H, W] where in the output it may appear, or None
+from ..moa_attention.comfyui.subjects import SubjectInput
+from ..moa_attention.engine.subject_images import check_images_and_masks
+from .common import CATEGORY, SUBJECTS_TYPE, refusals, refuse
 
 
 class MoASubject:
@@ -51,16 +40,14 @@ class MoASubject:
         word = class_word.strip()
         label = f"MoA Subject '{word or class_word}'"
         if not word or len(word.split()) != 1:
-            raise ValueError(f"{label}: class_word must be one word that appears in the prompt (e.g. 'dog'), "
-                             f"got {class_word!r}")
-        try:
+            raise refuse(label, f"class_word must be one word that appears in the prompt (e.g. 'dog'), "
+                                f"got {class_word!r}")
+        with refusals(label):
             masks = check_images_and_masks(image, mask, label)
-        except SubjectImageError as e:
-            raise ValueError(str(e)) from None
         if region is not None:
             region = region[0] if region.ndim == 3 else region
             if not bool((region > 0.5).any()):
-                raise ValueError(f"{label}: the region mask is empty, so the subject could appear nowhere. "
-                                 f"Paint where it may appear, or leave 'region' unconnected")
-        subject = Subject(images=image, masks=masks, class_word=word, region=region)
+                raise refuse(label, "the region mask is empty, so the subject could appear nowhere. "
+                                    "Paint where it may appear, or leave 'region' unconnected")
+        subject = SubjectInput(images=image, masks=masks, class_word=word, region=region)
         return (list(previous or []) + [subject],)

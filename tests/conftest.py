@@ -95,8 +95,8 @@ def server_inputs(models_base, comfy):
     base, _ = models_base
     write_inputs(base / "input")
     nodes, pack = comfy
-    from comfyui_moa.moa_attention.adapter import init_adapter_from_unet
-    from comfyui_moa.moa_attention.adapter_io import save_adapter
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.engine.adapter_file import save_adapter
     model = nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[0]
     adapter = init_adapter_from_unet(model.get_model_object("diffusion_model"), expert="lowrank", rank=4, seed=0)
     g = torch.Generator().manual_seed(0)

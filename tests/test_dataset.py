@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_good_dataset_has_no_problems(tmp_path):
-    from moa_attention.dataset import read_manifest
+    from moa_attention.training.dataset import read_manifest
     records, problems = read_manifest(write_dataset(tmp_path, n=3))
     assert problems == []
     assert [r.line for r in records] == [1, 2, 3]
@@ -23,7 +23,7 @@ def test_a_good_dataset_has_no_problems(tmp_path):
 
 
 def test_each_bad_row_is_reported_with_its_line(tmp_path):
-    from moa_attention.dataset import read_manifest
+    from moa_attention.training.dataset import read_manifest
     root = write_dataset(tmp_path, n=1, two_subjects_every=0)
     good = json.loads((root / "manifest.jsonl").read_text().splitlines()[0])
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / "small.png")
@@ -67,12 +67,12 @@ def test_each_bad_row_is_reported_with_its_line(tmp_path):
 def test_validator_command_lists_problems_and_fails(tmp_path):
     root = write_dataset(tmp_path, n=2)
     (root / "manifest.jsonl").write_text((root / "manifest.jsonl").read_text() + '{"image": 3}\n')
-    proc = subprocess.run([sys.executable, "-m", "moa_attention.dataset", str(root)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "moa_attention.training.dataset", str(root)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "line 3: caption: missing or empty" in proc.stdout
     assert "line 3: image: expected a relative file path, got 3" in proc.stdout
     assert "2 good row(s)" in proc.stdout
-    ok = subprocess.run([sys.executable, "-m", "moa_attention.dataset", str(write_dataset(tmp_path / "ok", n=1))],
+    ok = subprocess.run([sys.executable, "-m", "moa_attention.training.dataset", str(write_dataset(tmp_path / "ok", n=1))],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "0 problem(s)" in ok.stdout

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _engine():
     # the engine as the top-level package conftest puts on sys.path (same code as comfyui_moa.moa_attention)
-    from moa_attention import face_align
+    from moa_attention.faces import align as face_align
     return face_align
 
 
@@ -231,7 +231,7 @@ def test_a_missing_dependency_of_insightface_is_named(monkeypatch):
 
 def test_pack_modules_do_not_import_optional_packages_at_top_level():
     optional = {"insightface", "cv2", "onnxruntime", "onnx"}
-    for rel in ("moa_attention/face_align.py", "nodes/face_align.py"):
+    for rel in ("moa_attention/faces/align.py", "nodes/face_align.py"):
         tree = ast.parse((ROOT / rel).read_text())
         for node in tree.body:
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -286,7 +286,7 @@ def test_node_no_face_error_or_keep(comfy, node_root, astronaut):
 
 
 def test_node_missing_model_names_the_folder(comfy, node_root, astronaut):
-    from comfyui_moa.moa_attention.face_align import FaceModelError
+    from comfyui_moa.moa_attention.faces.align import FaceModelError
     from comfyui_moa.nodes.face_align import MoAFaceAlign
     import folder_paths
     with pytest.raises(FaceModelError) as e:

@@ -10,8 +10,9 @@ CFG = 5.0
 
 @pytest.fixture
 def engine(pack):
-    from comfyui_moa.moa_attention import adapter, call_state, comfy_patch, layer
-    return adapter, call_state, comfy_patch, layer
+    from comfyui_moa.moa_attention.comfyui import batch, patch
+    from comfyui_moa.moa_attention.engine import adapter, call_state, layer
+    return adapter, batch, patch, layer, call_state
 
 
 def conds(seed: int = 0, length: int = 77):
@@ -133,7 +134,7 @@ def test_uncond_rows_and_other_batch_rows_stay_prior(comfy, engine, tiny_model):
 def test_region_mask_keeps_the_layer_output_outside_exactly_prior(engine, tiny_model, hard):
     """Per layer, pixels outside the region get the prior's output bit for bit; inside they change.
     Hard routing computes the prior only for the pixels outside: they must still be exact."""
-    adapter, call_state, comfy_patch, layer = engine
+    adapter, _, comfy_patch, layer, call_state = engine
     ad = trained_looking_adapter(engine, tiny_model)
     dm = tiny_model.get_model_object("diffusion_model")
     spec = next(s for s in adapter.find_attention_layers(dm) if s.kind == "attn2")
@@ -146,7 +147,7 @@ def test_region_mask_keeps_the_layer_output_outside_exactly_prior(engine, tiny_m
     region[:, : w // 2] = 1.0
     state = call_state.CallState(rows=torch.tensor([0, 1]), personal_context=ctx + 1.0,
                                  regions=region[None, None].repeat(2, 1, 1, 1), latent_index=[0, 1],
-                                 settings=call_state.MoASettings(hard=hard), recorder=None, latent_hw=(h, w),
+                                 settings=call_state.MoASettings(hard=hard), latent_hw=(h, w),
                                  latent_batch=2)
     opts = {"activations_shape": [2, spec.query_dim, h, w]}
     with torch.no_grad():

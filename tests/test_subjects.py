@@ -39,19 +39,19 @@ def subjects_for(pack, photos, words, regions=None):
 
 
 def adapter_for(model, seed=0):
-    from comfyui_moa.moa_attention.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
     ad = init_adapter_from_unet(model.get_model_object("diffusion_model"), expert="full", seed=seed)
     g = torch.Generator().manual_seed(seed)
     ad.fusion.fc2.weight.data.normal_(0, 0.05, generator=g)      # a fusion MLP that does something
     for w in ad.layers.values():
         w.router.fc2.bias.data = torch.tensor([0.0, 1.0])
-    ad.name = "test-adapter"
-    return ad
+    from comfyui_moa.moa_attention.comfyui.adapters import LoadedAdapter
+    return LoadedAdapter(ad, "test-adapter")
 
 
 def test_token_binding_handles_bpe_repeats_weights_and_long_prompts(loaded):
-    from comfyui_moa.moa_attention.comfy_prompt import token_chunks, word_tokens
-    from comfyui_moa.moa_attention.prompt_tokens import ClassWordError, bind_subjects
+    from comfyui_moa.moa_attention.comfyui.prompt import token_chunks, word_tokens
+    from comfyui_moa.moa_attention.engine.prompt_tokens import ClassWordError, bind_subjects
     _, clip, _ = loaded
     dachshund = word_tokens(clip, "labradoodle")
     assert len(dachshund.ids) > 1, "pick a word that BPE splits"
@@ -72,12 +72,12 @@ def test_token_binding_handles_bpe_repeats_weights_and_long_prompts(loaded):
 
     with pytest.raises(ClassWordError, match=r"'giraffe' is not in the prompt.*tokens are: \['a', 'man'"):
         bind_subjects(token_chunks(clip, "a man")[1], [word_tokens(clip, "giraffe")],
-                      describe_tokens=lambda c: __import__("comfyui_moa.moa_attention.comfy_prompt",
+                      describe_tokens=lambda c: __import__("comfyui_moa.moa_attention.comfyui.prompt",
                                                            fromlist=["describe"]).describe(clip, c))
 
 
 def test_personal_expert_gets_fused_tokens_and_the_prior_plain_ones(comfy, pack, loaded, photos, monkeypatch):
-    from comfyui_moa.moa_attention.experts import PersonalExpert
+    from comfyui_moa.moa_attention.engine.experts import PersonalExpert
     from comfyui_moa.nodes.apply import MoAApply
     nodes = comfy[0]
     model, clip, clip_vision = loaded
@@ -107,8 +107,8 @@ def test_personal_expert_gets_fused_tokens_and_the_prior_plain_ones(comfy, pack,
     finally:
         hook.remove()
 
-    from comfyui_moa.moa_attention.comfy_prompt import token_chunks, word_tokens
-    from comfyui_moa.moa_attention.prompt_tokens import bind_subjects
+    from comfyui_moa.moa_attention.comfyui.prompt import token_chunks, word_tokens
+    from comfyui_moa.moa_attention.engine.prompt_tokens import bind_subjects
     _, chunks = token_chunks(clip, PROMPT)
     man_pos, dog_pos = bind_subjects(chunks, [word_tokens(clip, "man"), word_tokens(clip, "dog")])
     subject_positions = set(man_pos + dog_pos)
@@ -197,7 +197,7 @@ def test_clear_errors_for_wrong_encoder_model_and_subjects(comfy, pack, loaded, 
 def test_a_batch_of_reference_photos_is_one_identity(pack, loaded, photos):
     """Several photos of a subject in one IMAGE input (one mask for all, or one each) are
     encoded one by one and averaged."""
-    from comfyui_moa.moa_attention.comfy_prompt import SubjectInput, image_feature
+    from comfyui_moa.moa_attention.comfyui.subjects import subject_feature
     from comfyui_moa.nodes.subject import MoASubject
     _, _, clip_vision = loaded
     img, mask = photos["man"]
@@ -205,8 +205,52 @@ def test_a_batch_of_reference_photos_is_one_identity(pack, loaded, photos):
     batch = torch.cat([img, flipped])
     (subject,) = MoASubject().build(batch, "man", mask=mask)[0]          # one mask broadcast to both
     assert subject.masks.shape == (2, 512, 512)
-    both = image_feature(clip_vision, SubjectInput(subject.images, subject.masks, "man"), "t")
-    one = image_feature(clip_vision, SubjectInput(img, mask, "man"), "t")
-    other = image_feature(clip_vision, SubjectInput(flipped, mask, "man"), "t")
+    both = subject_feature(clip_vision, subject.images, subject.masks, "t")
+    one = subject_feature(clip_vision, img, mask, "t")
+    other = subject_feature(clip_vision, flipped, mask, "t")
     assert torch.allclose(both, (one + other) / 2, atol=1e-4)
     assert not torch.allclose(one, other, atol=1e-4)
+
+
+def test_trainer_and_moa_apply_fuse_the_same_context(comfy, pack, loaded, photos, tmp_path):
+    """One subject-preparation path: the trainer's dataset encoding and MoA Apply give the same
+    fused context, bit for bit, for the same photo, mask, class word and prompt."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from comfyui_moa.moa_attention.comfyui.subjects import fused_context
+    from comfyui_moa.moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.dataset import read_manifest
+    from comfyui_moa.moa_attention.training.encode import encode_record
+    from comfyui_moa.nodes.apply import MoAApply
+    model, clip, clip_vision = loaded
+    img, mask = photos["man"]
+    (tmp_path / "ref.png").write_bytes(b"")
+    Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8)).save(tmp_path / "ref.png")
+    Image.fromarray((mask[0].numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    prompt = "a photo of a man at the beach"
+    row = {"image": "ref.png", "caption": prompt, "subjects": [
+        {"class_word": "man", "mask": "mask.png", "references": ["ref.png"], "reference_masks": ["mask.png"]}]}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    (record,), problems = read_manifest(tmp_path)
+    assert not problems
+    cfg = TrainConfig(base=tmp_path, clip_vision=tmp_path, data=tmp_path, output_dir=tmp_path, resolution=64)
+    nodes = comfy[0]
+    vae = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[2]
+    example = encode_record(cfg, record, model, clip, vae, clip_vision)
+
+    loaded_adapter = adapter_for(model)
+    with torch.no_grad():
+        trained_on = fused_context(loaded_adapter.adapter.fusion, example.text, example.positions, example.features)
+    # the node path, from the same files as the graph's Load Image / Load Image (as Mask) give them
+    photo = torch.from_numpy(np.asarray(Image.open(tmp_path / "ref.png").convert("RGB"), np.float32) / 255)[None]
+    photo_mask = torch.from_numpy(np.asarray(Image.open(tmp_path / "mask.png"), np.float32) / 255)[None]
+    subs = pack.nodes.subject.MoASubject().build(photo, "man", mask=photo_mask)[0]
+    patched, positive = MoAApply().apply(model, loaded_adapter, clip, clip_vision, subs, prompt, 1.0, 0.0, 1.0,
+                                         "soft")
+    (binding,) = patched.get_attachment("moa").bindings
+    assert torch.equal(example.text, positive[0][0][0].float())
+    assert not torch.equal(binding.fused, binding.plain), "the fusion MLP must change the class word's token"
+    assert torch.equal(trained_on, binding.fused)

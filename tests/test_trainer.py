@@ -35,8 +35,8 @@ def train_args(env, out: Path, *extra: str) -> list[str]:
 
 
 def run_in_process(args: list[str]) -> int:
-    from moa_attention.train import parse_args
-    from moa_attention.trainer import run
+    from moa_attention.training.cli import parse_args
+    from moa_attention.training.loop import run
     return run(parse_args(args))
 
 
@@ -131,20 +131,21 @@ def test_two_process_data_parallel_run_writes_one_adapter(train_env, tmp_path):
     assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
     assert (out / "adapter.safetensors").is_file()
     assert len(list(out.glob("*.safetensors"))) == 1
-    from moa_attention.adapter_io import load_adapter
+    from moa_attention.engine.adapter_file import load_adapter
     assert load_adapter(out / "adapter.safetensors").config.expert == "lowrank"
 
 
 def test_router_loss_gradient_pushes_background_to_the_prior():
-    from moa_attention.losses import router_loss
-    from moa_attention.router import Router
+    from moa_attention.engine.router import Router
+    from moa_attention.training.capture import Captured
+    from moa_attention.training.losses import router_loss
     torch.manual_seed(0)
     router = Router(8)
     router.reset_fresh()
     x = torch.randn(1, 16, 8)
     masks = torch.zeros(1, 1, 4, 4)
     masks[..., :2, :] = 1.0
-    loss = router_loss([("layer", router(x), None)], masks, (4, 4))
+    loss = router_loss([Captured("layer", "attn1", router(x), None)], masks, (4, 4))
     loss.backward()
     # raising the personal logit's bias would raise the background share: its gradient is positive
     assert router.fc2.bias.grad[1] > 0 and router.fc2.bias.grad[0] < 0

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .casting import linear
+from .errors import MoAInputError
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 EXPERT_MODES = ("full", "lowrank")
@@ -36,7 +37,7 @@ class PersonalExpert(nn.Module):
     def __init__(self, dims: dict[str, tuple[int, int]], mode: str = "lowrank", rank: int = 64) -> None:
         super().__init__()
         if mode not in EXPERT_MODES:
-            raise ValueError(f"expert mode must be one of {EXPERT_MODES}, got {mode!r}")
+            raise MoAInputError(f"expert mode must be one of {EXPERT_MODES}, got {mode!r}")
         self.mode = mode
         self.rank = rank if mode == "lowrank" else 0
         self.proj = nn.ModuleDict()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-class ClassWordError(ValueError):
-    """A subject's class word cannot be bound to the prompt; the message shows the tokens."""
+from .errors import ClassWordError
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .errors import SubjectImageError
+
 BACKGROUND = 1.0      # white: what product shots and FastComposer-style crops look like
 MASK_THRESHOLD = 0.5
-
-
-class SubjectImageError(ValueError):
-    pass
 
 
 def check_images_and_masks(images: torch.Tensor, masks: torch.Tensor | None, label: str = "subject") -> torch.Tensor:

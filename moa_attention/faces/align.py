@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.errors import FaceAlignError, FaceModelError, InsightFaceMissingError
+
 log = logging.getLogger("comfyui-moa")
 
 # what the official zips hold (detector first); the detector is all alignment needs
@@ -53,18 +55,6 @@ PROVIDERS = {                  # node choice -> onnxruntime execution provider
     "CoreML": "CoreMLExecutionProvider",
 }
 LICENSE_NOTE = "insightface's pretrained face models are for non-commercial research use only."
-
-
-class FaceAlignError(RuntimeError):
-    """A face-model or face-alignment problem with a message that says what to do."""
-
-
-class FaceModelError(FaceAlignError):
-    """The face-model folder is missing, empty, nested or has no detector."""
-
-
-class InsightFaceMissingError(FaceAlignError, ImportError):
-    """insightface (or one of its dependencies) is not installed in ComfyUI's Python."""
 
 
 def _expected_files_text(name: str) -> str:

@@ -11,7 +11,7 @@ Paths are relative to the folder. `mask` is the subject's segmentation in `image
 subject, same size as the image). `references` are photos of the same subject (crops of this
 image or other photos of it); `reference_masks`, optional, remove their background.
 
-`python -m moa_attention.dataset DIR` checks every row and lists every problem with its line
+`python -m moa_attention.training.dataset DIR` checks every row and lists every problem with its line
 number before any training starts.
 """
 from __future__ import annotations
@@ -176,7 +176,7 @@ def load_mask(path: Path, size: int | None = None) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moa_attention.dataset",
+    parser = argparse.ArgumentParser(prog="python -m moa_attention.training.dataset",
                                      description="Check a MoA training dataset and list every bad row.")
     parser.add_argument("folder", help=f"dataset folder containing {MANIFEST}")
     args = parser.parse_args(argv)

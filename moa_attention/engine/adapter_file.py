@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import IMAGE_ENCODER_DIMS, AdapterConfig, MoAAdapter, module_key
+from .errors import AdapterFileError, MoAInputError
+from .files import atomic_write
 from .unet_layers import LayerSpec
 
 FORMAT_NAME = "comfyui-moa"
@@ -36,10 +37,6 @@ ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 METADATA_KEYS = ("moa.format", "moa.format_version", "moa.base", "moa.expert", "moa.rank",
                  "moa.image_encoder", "moa.image_dim", "moa.text_dim", "moa.fusion_hidden",
                  "moa.layers", "moa.training")
-
-
-class AdapterFileError(ValueError):
-    """A MoA adapter file that cannot be used; the message names the file and the fix."""
 
 
 def _module_to_file_key(key: str) -> str:
@@ -74,30 +71,15 @@ def metadata_of(config: AdapterConfig) -> dict[str, str]:
 
 def save_adapter(adapter: MoAAdapter, path: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
                  overwrite: bool = False) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves half an adapter behind."""
+    """Written atomically, so a crash never leaves half an adapter where ComfyUI lists it."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (trainer: --force) to replace it")
     if dtype not in ALLOWED_DTYPES:
-        raise ValueError(f"adapters are stored as {ALLOWED_DTYPES}, not {dtype}")
+        raise MoAInputError(f"adapters are stored as {ALLOWED_DTYPES}, not {dtype}")
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in file_state_dict(adapter).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata_of(adapter.config))
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; others (a ComfyUI service user) must read it
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    metadata = metadata_of(adapter.config)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _fail(path: Path, problem: str, fix: str) -> AdapterFileError:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import ModelMismatchError
 from .experts import PersonalExpert
 from .fusion import FusionMLP
 from .router import Router
@@ -68,7 +69,7 @@ def init_adapter_from_unet(diffusion_model: nn.Module, expert: str = "lowrank", 
     the identity on the text. The trainer starts here; tests use it as the exactness anchor."""
     specs = find_attention_layers(diffusion_model)
     if not specs:
-        raise ValueError("this model has no attention layers with to_q/to_k/to_v/to_out: not an SD1.5 UNet")
+        raise ModelMismatchError("this model has no attention layers with to_q/to_k/to_v/to_out: not an SD1.5 UNet")
     adapter = MoAAdapter(AdapterConfig(layers=specs, expert=expert, rank=rank, **config))
     gen = torch.Generator().manual_seed(seed)
     for spec in specs:

@@ -8,8 +8,13 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .call_state import LayerEvent
+from .errors import MoAInputError
+
 
 class RouterRecorder:
+    """An observer of the MoA layers (see call_state.LayerEvent)."""
+
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}       # layer path -> [B, H, W] float32
         self.counts: dict[str, torch.Tensor] = {}     # layer path -> [B] float32
@@ -23,6 +28,10 @@ class RouterRecorder:
         self.batch_size = 0
         self.latent_hw = None
         self.steps = 0
+
+    def __call__(self, event: LayerEvent) -> None:
+        st = event.state
+        self.record(event.path, event.share, event.hw, st.latent_index, st.latent_hw, st.latent_batch)
 
     @torch.no_grad()
     def record(self, path: str, share: torch.Tensor, hw: tuple[int, int], latent_index: list[int],
@@ -57,11 +66,11 @@ class RouterRecorder:
         latents that never had a personalized row are 0."""
         layers = layers if layers is not None else self.layers
         if not layers or self.latent_hw is None:
-            raise LookupError("no router maps were recorded: run a sampler on the MoA model first "
+            raise MoAInputError("no router maps were recorded: run a sampler on the MoA model first "
                               "(and check that its positive prompt comes from MoA Apply)")
         missing = [p for p in layers if p not in self.sums]
         if missing:
-            raise KeyError(f"no router map for layer(s) {missing}; recorded: {self.layers}")
+            raise MoAInputError(f"no router map for layer(s) {missing}; recorded: {self.layers}")
         total = sum(self.sums[p].cpu() for p in layers)
         count = sum(self.counts[p].cpu() for p in layers)
         return total / count.clamp_min(1)[:, None, None]

@@ -12,25 +12,15 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .adapter import MoALayerWeights
 from .attention_fn import sdpa_attention
-from .call_state import STATE_KEY, CallState, layer_hw
+from .call_state import STATE_KEY, CallState, LayerEvent
 from .router import apply_strength, hard_route
+from .unet_layers import get_submodule
 
 AttentionFn = Callable[..., torch.Tensor]
-
-
-def subject_attention_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
-                           subject_tokens: list[list[list[int]]]) -> list[list[torch.Tensor]]:
-    """Cross-attention probability of every pixel for each subject's tokens, head-averaged:
-    per row, per subject, [N]. Only the trainer's object loss asks for these."""
-    b, n, inner = q.shape
-    d = inner // heads
-    qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
-    kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).float()
-    probs = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1).mean(dim=1)   # [b, n, L]
-    return [[probs[r, :, pos].sum(dim=-1) for pos in subject_tokens[r]] for r in range(b)]
 
 
 class MoAAttention(nn.Module):
@@ -66,31 +56,33 @@ class MoAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, transformer_options: dict = {}) -> torch.Tensor:  # noqa: B006 (ComfyUI's signature)
-        # the prior, computed exactly as CrossAttention.forward computes it
-        q = self.to_q(x)
-        ctx = x if context is None else context
-        k = self.to_k(ctx)
-        v = self.to_v(value if value is not None else ctx)
-        state: CallState | None = transformer_options.get(STATE_KEY)
-        if state is not None and mask is None and state.settings.hard:
-            return self.hard_mix(x, q, k, v, state, transformer_options, ctx, value)
-        prior_out = self.to_out(self._attend(q, k, v, mask, transformer_options))
-        if state is None or mask is not None:
-            return prior_out
-        return self.mix(x, q, k, v, prior_out, state, transformer_options, ctx, value)
+        with record_function("moa.layer"):
+            # the prior, computed exactly as CrossAttention.forward computes it
+            q = self.to_q(x)
+            ctx = x if context is None else context
+            k = self.to_k(ctx)
+            v = self.to_v(value if value is not None else ctx)
+            state: CallState | None = transformer_options.get(STATE_KEY)
+            if state is not None and mask is None and state.settings.hard:
+                return self.hard_mix(x, q, k, v, state, transformer_options, ctx, value)
+            prior_out = self.to_out(self._attend(q, k, v, mask, transformer_options))
+            if state is None or mask is not None:
+                return prior_out
+            return self.mix(x, q, k, v, prior_out, state, transformer_options, ctx, value)
 
-    def routed_share(self, x: torch.Tensor, state: CallState, transformer_options: dict) -> torch.Tensor:
-        """[R, N, 1] personalized share of the personalized rows (strength, region, routing applied)."""
-        hw = layer_hw(x.shape[1], transformer_options, state.latent_hw)
-        share = apply_strength(self.moa.router(x[state.rows]), state.settings.strength)
-        region = state.region_at(*hw, like=x)
-        if region is not None:
-            share = share * region
-        if state.settings.hard:
-            share = hard_route(share)
-        if state.recorder is not None:
-            state.recorder.record(self.path, share, hw, state.latent_index, state.latent_hw, state.latent_batch)
-        return share
+    def routed_share(self, x: torch.Tensor, state: CallState,
+                     transformer_options: dict) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[R, N, 1] personalized share of the personalized rows (strength, region, routing
+        applied), and the layer's token grid."""
+        with record_function("moa.router"):
+            hw = state.grid(x.shape[1], transformer_options)
+            share = apply_strength(self.moa.router(x[state.rows]), state.settings.strength)
+            region = state.region_at(*hw, like=x)
+            if region is not None:
+                share = share * region
+            if state.settings.hard:
+                share = hard_route(share)
+        return share, hw
 
     def personal_kv(self, x, k, v, state: CallState, context=None, value=None):
         """Personalized keys/values of the personalized rows: attn1 attends to what the prior
@@ -109,7 +101,9 @@ class MoAAttention(nn.Module):
         """Top-1 routing: each pixel is computed by one expert only. The prior's attention is
         skipped for the pixels routed to the subject, the expert's for all the others."""
         rows = state.rows
-        share = self.routed_share(x, state, transformer_options)
+        share, hw = self.routed_share(x, state, transformer_options)
+        if state.observers:
+            state.notify(LayerEvent(self.path, self.kind, share, hw, state, heads=self.heads))
         personalized = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         personalized[rows] = True
         attn = torch.empty_like(q)
@@ -126,16 +120,20 @@ class MoAAttention(nn.Module):
         out = self.to_out(attn)
         if not any(s.numel() for s in selected):
             return out
-        kp, vp = self.personal_kv(x, k, v, state, context, value)
+        with record_function("moa.expert"):
+            kp, vp = self.personal_kv(x, k, v, state, context, value)
         expert = self.moa.expert
         to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
         for i, r in enumerate(rows.tolist()):
             sel = selected[i]
             if sel.numel() == 0:
                 continue
-            qp = expert.project("to_q", x[r:r + 1, sel], self.to_q, q[r:r + 1, sel])
-            a = self._attend(qp, kp[i:i + 1], vp[i:i + 1], None, transformer_options)
-            out[r, sel] = expert.project("to_out", a, to_out)[0].to(out.dtype)
+            with record_function("moa.expert"):
+                qp = expert.project("to_q", x[r:r + 1, sel], self.to_q, q[r:r + 1, sel])
+                a = self._attend(qp, kp[i:i + 1], vp[i:i + 1], None, transformer_options)
+                personal = expert.project("to_out", a, to_out)[0]
+            with record_function("moa.mix"):
+                out[r, sel] = personal.to(out.dtype)
         return out
 
     def mix(self, x, q, k, v, prior_out, state: CallState, transformer_options: dict,
@@ -144,24 +142,25 @@ class MoAAttention(nn.Module):
         per pixel by the router's share."""
         rows = state.rows
         prior_r = prior_out[rows]
-        share = self.routed_share(x, state, transformer_options)
-        kp, vp = self.personal_kv(x, k, v, state, context, value)
-        expert = self.moa.expert
-        to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
-        qp = expert.project("to_q", x[rows], self.to_q, q[rows])
-        personal = expert.project("to_out", self._attend(qp, kp, vp, None, transformer_options), to_out)
-        mixed = prior_r + share.to(prior_r.dtype) * (personal - prior_r)
-        if state.capture is not None:
-            wants_maps = self.kind == "attn2" and state.subject_tokens
-            maps = subject_attention_maps(qp, kp, self.heads, state.subject_tokens) if wants_maps else None
-            state.capture.append((self.path, share, maps))
-        return prior_out.index_copy(0, rows, mixed)
+        share, hw = self.routed_share(x, state, transformer_options)
+        with record_function("moa.expert"):
+            kp, vp = self.personal_kv(x, k, v, state, context, value)
+            expert = self.moa.expert
+            to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
+            qp = expert.project("to_q", x[rows], self.to_q, q[rows])
+            personal = expert.project("to_out", self._attend(qp, kp, vp, None, transformer_options), to_out)
+        with record_function("moa.mix"):
+            mixed = prior_r + share.to(prior_r.dtype) * (personal - prior_r)
+            out = prior_out.index_copy(0, rows, mixed)
+        if state.observers:
+            state.notify(LayerEvent(self.path, self.kind, share, hw, state, qp, kp, self.heads))
+        return out
 
 
 def install_layers(diffusion_model: nn.Module, adapter, attention: AttentionFn = sdpa_attention):
     """Swap MoA layers into a bare diffusion model (the trainer's path; ComfyUI's goes through
-    comfy_patch on a ModelPatcher clone). Returns a function that puts the originals back."""
-    from .unet_layers import get_submodule
+    the ComfyUI layer's patch on a ModelPatcher clone). Returns a function that puts the
+    originals back."""
     swapped = []
     for spec in adapter.config.layers:
         parent_path, name = spec.path.rsplit(".", 1)

@@ -1,4 +1,4 @@
-"""The one module that knows ComfyUI's ModelPatcher: it installs MoA on a clone.
+"""MoA installed on a ComfyUI ModelPatcher clone.
 
 Mechanism (chosen after measuring the alternatives, see the README's design notes):
 - attention modules are swapped with `add_object_patch`, because MoA needs the raw hidden
@@ -18,12 +18,15 @@ from typing import Any
 
 import torch
 
-from .adapter import MoAAdapter
-from .adapter_io import check_adapter_fits
-from .call_state import STATE_KEY, MoASettings, SubjectBinding, build_call_state
-from .layer import MoAAttention
-from .router_maps import RouterRecorder
-from .unet_layers import LayerSpec, find_attention_layers
+from ..engine.adapter import MoAAdapter
+from ..engine.adapter_file import check_adapter_fits
+from ..engine.call_state import STATE_KEY, MoASettings
+from ..engine.errors import MoAInputError
+from ..engine.layer import MoAAttention
+from ..engine.router_maps import RouterRecorder
+from ..engine.unet_layers import LayerSpec, find_attention_layers
+from .adapters import LoadedAdapter, as_loaded
+from .batch import SubjectBinding, build_call_state
 
 log = logging.getLogger("comfyui-moa")
 
@@ -48,12 +51,11 @@ def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, transformer_
 class MoAController:
     """Per-patch state shared by the wrappers, the layers and the router-map node."""
 
-    def __init__(self, adapter: MoAAdapter, bindings: list[SubjectBinding], settings: MoASettings,
-                 adapter_name: str) -> None:
+    def __init__(self, adapter: LoadedAdapter, bindings: list[SubjectBinding], settings: MoASettings) -> None:
         self.adapter = adapter
         self.bindings = bindings
         self.settings = settings
-        self.adapter_name = adapter_name
+        self.adapter_name = adapter.name
         self.recorder = RouterRecorder()
         self._warned_unmatched = False
         self._matched_this_run = False
@@ -66,7 +68,7 @@ class MoAController:
 
     def diffusion_model_wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         state = build_call_state(context, transformer_options, self.bindings, self.settings,
-                                 self.recorder, (int(x.shape[-2]), int(x.shape[-1])))
+                                 (self.recorder,), (int(x.shape[-2]), int(x.shape[-1])))
         if state is None:
             self._maybe_warn(context, transformer_options)
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
@@ -97,54 +99,40 @@ def original_attention(model, spec_path: str) -> torch.nn.Module:
     return obj
 
 
-def adapter_patcher_for(adapter: MoAAdapter, load_device, offload_device):
-    """One ModelPatcher per adapter and device pair, kept on the adapter.
-
-    ComfyUI tracks loaded models through their patchers: a fresh patcher per MoA Apply would
-    die with its clone while the (cached) adapter lives on, which ComfyUI reports as a memory
-    leak and answers with a full garbage collection on every run."""
-    import comfy.model_patcher
-    patchers = adapter.__dict__.setdefault("_comfy_patchers", {})
-    key = (str(load_device), str(offload_device))
-    if key not in patchers:
-        patchers[key] = comfy.model_patcher.ModelPatcher(adapter, load_device=load_device,
-                                                         offload_device=offload_device)
-    return patchers[key]
-
-
 def model_attention_layers(model) -> list[LayerSpec]:
     return find_attention_layers(model.get_model_object("diffusion_model"))
 
 
-def apply_moa(model, adapter: MoAAdapter, bindings: list[SubjectBinding], *, strength: float = 1.0,
-              start_percent: float = 0.0, end_percent: float = 1.0, hard_routing: bool = False,
-              adapter_name: str = "adapter"):
+def apply_moa(model, adapter: MoAAdapter | LoadedAdapter, bindings: list[SubjectBinding], *,
+              strength: float = 1.0, start_percent: float = 0.0, end_percent: float = 1.0,
+              hard_routing: bool = False):
     """Return a clone of `model` (a ComfyUI ModelPatcher) with MoA installed; `model` is untouched."""
     from comfy.patcher_extension import WrappersMP
 
-    if not 0.0 <= strength <= MAX_STRENGTH:
-        raise ValueError(f"strength must be in [0, {MAX_STRENGTH}], got {strength}")
+    if not 0.0 <= strength <= MAX_STRENGTH:      # also refuses NaN
+        raise MoAInputError(f"strength must be in [0, {MAX_STRENGTH}], got {strength}")
     if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent} and {end_percent}")
+        raise MoAInputError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent} and {end_percent}")
+    loaded = as_loaded(adapter)
     specs = model_attention_layers(model)
-    check_adapter_fits(adapter, specs, adapter_name)
+    check_adapter_fits(loaded.adapter, specs, loaded.name)
 
     m = model.clone()
     if m.get_attachment(KEY) is not None:
-        log.info("MoA: replacing the MoA patch already on this model with '%s'", adapter_name)
+        log.info("MoA: replacing the MoA patch already on this model with '%s'", loaded.name)
         m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
         m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)
     sampling = m.get_model_object("model_sampling")
     settings = MoASettings(strength=float(strength), hard=bool(hard_routing),
                            sigma_start=float(sampling.percent_to_sigma(start_percent)),
                            sigma_end=float(sampling.percent_to_sigma(end_percent)))
-    controller = MoAController(adapter, bindings, settings, adapter_name)
+    controller = MoAController(loaded, bindings, settings)
 
-    m.set_additional_models(KEY, [adapter_patcher_for(adapter, m.load_device, m.offload_device)])
+    m.set_additional_models(KEY, [loaded.patcher(m.load_device, m.offload_device)])
     for spec in specs:
         prior = original_attention(m, spec.path)
         m.add_object_patch(f"diffusion_model.{spec.path}",
-                           MoAAttention(prior, adapter.layer(spec.path), spec.path, attention=comfy_attention))
+                           MoAAttention(prior, loaded.adapter.layer(spec.path), spec.path, attention=comfy_attention))
     m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, controller.diffusion_model_wrapper)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, controller.outer_sample_wrapper)
     m.set_attachments(KEY, controller)

@@ -1,4 +1,4 @@
-"""The MoA adapter file (moa_attention/adapter_io.py): exact round-trips, documented keys and
+"""The MoA adapter file (moa_attention/engine/adapter_file.py): exact round-trips, documented keys and
 metadata, no overwriting, read-only loading, never unpickling, and a clear AdapterFileError
 (naming the file and the fix) for every kind of bad file.
 
@@ -34,8 +34,8 @@ def _unet(model_channels: int = 32, levels: int = 2, **overrides):
 
 @pytest.fixture(scope="module")
 def io(pack):
-    from comfyui_moa.moa_attention import adapter_io
-    return adapter_io
+    from comfyui_moa.moa_attention.engine import adapter_file
+    return adapter_file
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def unet(pack):
 
 
 def _make_adapter(unet, expert: str, rank: int = 16, seed: int = 0):
-    from comfyui_moa.moa_attention.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
     adapter = init_adapter_from_unet(unet, expert=expert, rank=rank, fusion_hidden=FUSION_HIDDEN,
                                      training=TRAINING)
     gen = torch.Generator().manual_seed(seed)
@@ -383,7 +383,7 @@ def test_unchanged_hand_written_file_loads(io, adapters, tmp_path):
 # --------------------------------------------------------------------------- 4. check_adapter_fits
 
 def test_adapter_fits_its_own_architecture(io, adapters, unet, good_file):
-    from comfyui_moa.moa_attention.unet_layers import find_attention_layers
+    from comfyui_moa.moa_attention.engine.unet_layers import find_attention_layers
     layers = find_attention_layers(unet)
     other_weights = find_attention_layers(_unet())      # same architecture, separately built
     for adapter in (*adapters.values(), io.load_adapter(good_file)):
@@ -392,7 +392,7 @@ def test_adapter_fits_its_own_architecture(io, adapters, unet, good_file):
 
 
 def test_adapter_refused_on_wider_unet(io, adapters):
-    from comfyui_moa.moa_attention.unet_layers import find_attention_layers
+    from comfyui_moa.moa_attention.engine.unet_layers import find_attention_layers
     wide = find_attention_layers(_unet(model_channels=64))
     with pytest.raises(io.AdapterFileError) as info:
         io.check_adapter_fits(adapters["lowrank"], wide, "subject.safetensors", "the checkpoint 'wide'")
@@ -405,7 +405,7 @@ def test_adapter_refused_on_wider_unet(io, adapters):
 
 
 def test_adapter_refused_on_other_context_dim(io, adapters):
-    from comfyui_moa.moa_attention.unet_layers import find_attention_layers
+    from comfyui_moa.moa_attention.engine.unet_layers import find_attention_layers
     sd2_like = find_attention_layers(_unet(context_dim=1024))
     with pytest.raises(io.AdapterFileError,
                        match=rf"layer {re.escape(ATTN2_PATH)}: adapter expects query/context/inner width "
@@ -414,12 +414,12 @@ def test_adapter_refused_on_other_context_dim(io, adapters):
 
 
 def test_adapter_refused_on_other_depth(io, adapters, unet):
-    from comfyui_moa.moa_attention.unet_layers import find_attention_layers
+    from comfyui_moa.moa_attention.engine.unet_layers import find_attention_layers
     layers = find_attention_layers(unet)
     with pytest.raises(io.AdapterFileError,
                        match=r"2 adapter layer\(s\) not in the model, e\.g\. middle_block\.1\.transformer_blocks"):
         io.check_adapter_fits(adapters["full"], [s for s in layers if not s.path.startswith("middle_block")], "a")
-    from comfyui_moa.moa_attention.adapter import AdapterConfig, MoAAdapter
+    from comfyui_moa.moa_attention.engine.adapter import AdapterConfig, MoAAdapter
     small = MoAAdapter(AdapterConfig(layers=layers[:4], fusion_hidden=FUSION_HIDDEN))
     with pytest.raises(io.AdapterFileError,
                        match=r"10 model layer\(s\) the adapter lacks, e\.g\. middle_block\.1\.transformer_blocks\.0"

@@ -7,11 +7,14 @@ noise and timesteps are derived from (seed, step), so nothing else is needed.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..engine.files import atomic_write
 
 STATE_FILE = "trainer_state.safetensors"
 
@@ -31,9 +34,7 @@ def save_trainer_state(path: Path, optimizer: torch.optim.Optimizer, names: dict
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": str(step), "param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars),
             "names": json.dumps([names[i] for i in sorted(names)]), "extra": json.dumps(extra or {})}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[int, dict]:
@@ -59,3 +60,21 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, names: dict
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"]), json.loads(meta["extra"])
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first."""
+    return sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
+
+
+def save_checkpoint(out: Path, adapter, optimizer: torch.optim.Optimizer, names: dict[int, str], step: int,
+                    keep: int) -> Path:
+    """Adapter (fp32) + optimizer state in checkpoints/step_N; only the newest `keep` stay."""
+    from ..engine.adapter_file import save_adapter
+    d = out / "checkpoints" / f"step_{step:06d}"
+    d.mkdir(parents=True, exist_ok=True)
+    save_adapter(adapter, d / "adapter.safetensors", dtype=torch.float32, overwrite=True)
+    save_trainer_state(d / STATE_FILE, optimizer, names, step)
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old)
+    return d

@@ -1,0 +1,97 @@
+"""What the MoA layers of one UNet call share, decided once per call by whoever runs the UNet.
+
+The attention layers never see the whole batch, so the caller (the ComfyUI layer's wrapper at
+inference, the trainer's step in training) states once per call which rows of the batch are
+personalized, their multimodal context, their region masks and the knobs, and hands it to
+every layer through transformer_options[STATE_KEY]. Observers (router maps, the trainer's
+loss capture) see what each layer decided without the layer knowing who is listening.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from .errors import MoAInputError
+
+STATE_KEY = "moa_state"
+
+
+@dataclass
+class MoASettings:
+    strength: float = 1.0
+    sigma_start: float = float("inf")       # personalize while sigma_end <= sigma <= sigma_start
+    sigma_end: float = 0.0
+    hard: bool = False
+
+    def active_at(self, sigma: float) -> bool:
+        return self.strength > 0.0 and self.sigma_end <= sigma <= self.sigma_start
+
+
+def halving_grid(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The token grid of a UNet level: the latent halved (rounding up, as a stride-2 conv with
+    padding 1 does) until it holds n_tokens."""
+    h, w = latent_hw
+    while h * w > n_tokens:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != n_tokens:
+        raise MoAInputError(f"MoA cannot place {n_tokens} tokens on a grid derived from latent {latent_hw}")
+    return h, w
+
+
+@dataclass(frozen=True)
+class LayerEvent:
+    """What one MoA layer decided in one call: its routed share and, on the soft path, the
+    personalized query/key (the trainer's object loss derives attention maps from them)."""
+    path: str
+    kind: str                               # "attn1" or "attn2"
+    share: torch.Tensor                     # [R, N, 1] personalized share of the personalized rows
+    hw: tuple[int, int]                     # the layer's token grid
+    state: "CallState"
+    query: torch.Tensor | None = None       # [R, N, inner] personalized query
+    key: torch.Tensor | None = None         # [R, L, inner] personalized key
+    heads: int = 1
+
+
+Observer = Callable[[LayerEvent], None]
+#: (n_tokens, transformer_options) -> (h, w); the runtime may know a layer's grid better than the halving rule
+TokenGrid = Callable[[int, dict], tuple[int, int]]
+
+
+@dataclass
+class CallState:
+    rows: torch.Tensor                      # [R] long: rows of the batch that get MoA
+    personal_context: torch.Tensor          # [R, L, D]: multimodal context of those rows
+    regions: torch.Tensor | None            # [R, 1, H, W] or None
+    latent_index: list[int]                 # for each personalized row, its latent in the batch
+    settings: MoASettings
+    latent_hw: tuple[int, int]
+    latent_batch: int = 1
+    observers: tuple[Observer, ...] = ()
+    token_grid: TokenGrid | None = None
+    _region_cache: dict = field(default_factory=dict, repr=False)
+
+    def grid(self, n_tokens: int, transformer_options: dict) -> tuple[int, int]:
+        if self.token_grid is not None:
+            return self.token_grid(n_tokens, transformer_options)
+        return halving_grid(n_tokens, self.latent_hw)
+
+    def notify(self, event: LayerEvent) -> None:
+        for observer in self.observers:
+            observer(event)
+
+    def region_at(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor | None:
+        """[R, h*w, 1] region masks at one layer's resolution (area-averaged when shrinking,
+        so a pixel entirely outside every region stays exactly 0)."""
+        if self.regions is None:
+            return None
+        key = (h, w, like.device)
+        if key not in self._region_cache:
+            r = self.regions.to(device=like.device, dtype=torch.float32)
+            if r.shape[-2:] != (h, w):
+                mode = "area" if r.shape[-2] >= h and r.shape[-1] >= w else "nearest-exact"
+                r = F.interpolate(r, size=(h, w), mode=mode)
+            self._region_cache[key] = r.flatten(2).transpose(1, 2).contiguous()
+        return self._region_cache[key]

@@ -1,0 +1,1 @@
+"""Optional face alignment with insightface (imported lazily, only when a node uses it)."""

@@ -1,0 +1,81 @@
+"""Train a MoA adapter: `python -m moa_attention.train --base CKPT --clip-vision FILE --data DIR --output-dir DIR`.
+
+Runs unchanged on one device or data-parallel under `torchrun --nproc_per_node N` or
+`accelerate launch --num_processes N` (both set RANK/WORLD_SIZE; CPU uses gloo, CUDA nccl).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(Path(), Path(), Path(), Path())
+    p = argparse.ArgumentParser(prog="python -m moa_attention.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", type=Path, required=True, help="SD1.5 checkpoint (.safetensors)")
+    p.add_argument("--clip-vision", type=Path, required=True, help="CLIP ViT-L/14 vision model (.safetensors)")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder with manifest.jsonl")
+    p.add_argument("--output-dir", type=Path, required=True,
+                   help="run folder: adapter.safetensors, checkpoints/, samples/, loss_log.csv")
+    p.add_argument("--expert", choices=["lowrank", "full"], default=d.expert, help="personalized expert storage")
+    p.add_argument("--rank", type=int, default=d.rank, help="rank of a lowrank expert")
+    p.add_argument("--resolution", type=int, default=d.resolution, help="training image size (multiple of 64)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step and process")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--seed", type=int, default=d.seed, help="fixes data order, noise and init")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute transformer blocks in "
+                                                                          "backward (less memory, ~30%% slower)")
+    p.add_argument("--router-loss-weight", type=float, default=d.router_loss_weight)
+    p.add_argument("--object-loss-weight", type=float, default=d.object_loss_weight)
+    p.add_argument("--subject-loss-weight", type=float, default=d.subject_loss_weight,
+                   help="denoising-loss weight of subject pixels")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--sample-every", type=int, default=d.sample_every, help="write a sample image every N steps")
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--force", action="store_true", help="start over in a non-empty --output-dir")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--comfyui", type=Path, default=None,
+                   help="ComfyUI folder (default: $COMFYUI_PATH, the ComfyUI this pack is installed in, "
+                        "or the dev checkout's .dev/ComfyUI)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    ns = build_parser().parse_args(argv)
+    return TrainConfig(**{k: v for k, v in vars(ns).items()})
+
+
+def find_comfyui(explicit: Path | None) -> Path:
+    here = Path(__file__).resolve()
+    candidates = [explicit, Path(os.environ["COMFYUI_PATH"]) if os.environ.get("COMFYUI_PATH") else None,
+                  here.parents[4] if len(here.parents) > 4 else None,  # ComfyUI/custom_nodes/<pack>/moa_attention/training
+                  here.parents[2] / ".dev" / "ComfyUI"]
+    for c in candidates:
+        if c is not None and (c / "comfy" / "model_management.py").is_file():
+            return c
+    raise SystemExit("cannot find ComfyUI: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    comfy_dir = find_comfyui(cfg.comfyui)
+    if str(comfy_dir) not in sys.path:
+        sys.path.insert(0, str(comfy_dir))
+    from .loop import run
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

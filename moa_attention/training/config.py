@@ -1,0 +1,37 @@
+"""Every option of a training run, with the defaults the CLI shows."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    base: Path                                   # SD1.5 checkpoint (.safetensors), loaded by ComfyUI
+    clip_vision: Path                            # CLIP ViT-L/14 vision model, loaded by ComfyUI
+    data: Path                                   # dataset folder with manifest.jsonl
+    output_dir: Path
+    expert: str = "lowrank"                      # "full" as in the paper; "lowrank" is 10x smaller
+    rank: int = 64
+    resolution: int = 512                        # the paper trains SD1.5 at 512
+    batch_size: int = 1                          # per process
+    grad_accum: int = 1
+    lr: float = 1e-5                             # FastComposer/MoA-style fine-tuning rate
+    weight_decay: float = 1e-2
+    steps: int = 1000
+    seed: int = 0
+    mixed_precision: str = "no"                  # "no", "fp16" (CUDA), "bf16"
+    gradient_checkpointing: bool = False
+    router_loss_weight: float = 1.0
+    object_loss_weight: float = 0.01             # FastComposer used 0.001 with its own scaling
+    subject_loss_weight: float = 1.0             # weight of subject pixels in the denoising loss
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 0                        # 0 = no sample images
+    sample_steps: int = 20
+    log_every: int = 1
+    resume: bool = False
+    force: bool = False
+    device: str = "auto"
+    comfyui: Path | None = None
+    extra: dict = field(default_factory=dict)

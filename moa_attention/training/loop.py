@@ -1,0 +1,214 @@
+"""The MoA training loop, on the same MoAAttention/MoAAdapter modules the nodes run.
+
+The frozen encoders run once, before the loop (encode.py), so each step only runs the UNet
+with its MoA layers (step.py). Rank 0 writes everything: log, checkpoints, samples, adapter.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..comfyui.adapters import LoadedAdapter
+from ..comfyui.models import check_sd15_model
+from ..engine.adapter import init_adapter_from_unet
+from ..engine.adapter_file import load_adapter, save_adapter
+from ..engine.attention_fn import sdpa_attention
+from ..engine.errors import MoAError
+from ..engine.layer import install_layers
+from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
+from .config import TrainConfig
+from .dataset import read_manifest
+from .encode import encoded_examples
+from .sampling import write_sample
+from .step import MoATrainStep, draw, enable_checkpointing, evaluate
+
+LOG_FIELDS = ["step", "loss", "denoise", "router", "object", "bg_share", "fg_share", "lr", "seconds"]
+
+
+# ----------------------------------------------------------------------------- setup
+
+def _dist_info() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _prepare_output(cfg: TrainConfig, rank: int) -> None:
+    out = cfg.output_dir
+    if rank == 0 and out.exists() and any(out.iterdir()) and not cfg.resume:
+        if not cfg.force:
+            raise SystemExit(f"{out} is not empty: pass --resume to continue that run or --force to start over "
+                             f"(which deletes its checkpoints, samples and log)")
+        for child in ("checkpoints", "samples", "loss_log.csv", "adapter.safetensors", "config.json", "summary.json"):
+            p = out / child
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    if rank == 0:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+
+
+def _load_comfy(cfg: TrainConfig, device: torch.device):
+    import comfy.cli_args
+    if device.type == "cpu":
+        comfy.cli_args.args.cpu = True
+    import comfy.clip_vision
+    import comfy.sd
+    for label, path in (("--base", cfg.base), ("--clip-vision", cfg.clip_vision)):
+        if not Path(path).is_file():
+            raise SystemExit(f"{label}: file not found: {path}")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(cfg.base), output_vae=True, output_clip=True)
+    if clip is None:
+        raise SystemExit(f"--base {cfg.base} has no text encoder: use a full SD1.5 checkpoint")
+    try:
+        check_sd15_model(model)
+    except MoAError as e:
+        raise SystemExit(f"--base {cfg.base}: {e}") from None
+    clip_vision = comfy.clip_vision.load(str(cfg.clip_vision))
+    if clip_vision is None:
+        raise SystemExit(f"--clip-vision {cfg.clip_vision} is not a CLIP vision model ComfyUI recognises")
+    return model, clip, vae, clip_vision
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def run(cfg: TrainConfig) -> int:
+    from tqdm import tqdm
+
+    rank, world, local_rank = _dist_info()
+    device = _device(cfg, local_rank)
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed)
+    _prepare_output(cfg, rank)
+    records, problems = read_manifest(cfg.data)
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems[:50])
+        raise SystemExit(f"dataset {cfg.data} has {len(problems)} problem(s); fix them first "
+                         f"(python -m moa_attention.training.dataset {cfg.data}):\n{listing}")
+
+    model, clip, vae, clip_vision = _load_comfy(cfg, device)
+    examples = encoded_examples(cfg, records, model, clip, vae, clip_vision, show=rank == 0)
+    diffusion_model = model.model.diffusion_model.to(device)
+    diffusion_model.requires_grad_(False)        # ComfyUI leaves requires_grad on: the prior must stay frozen
+    diffusion_model.eval()
+    sigmas = model.model.model_sampling.sigmas.float()
+    alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+
+    checkpoints = checkpoint_dirs(cfg.output_dir) if cfg.resume else []
+    if cfg.resume and not checkpoints and rank == 0:
+        print(f"--resume: no checkpoint in {cfg.output_dir / 'checkpoints'} yet, starting from a fresh adapter")
+    if checkpoints:
+        adapter = load_adapter(checkpoints[-1] / "adapter.safetensors")
+        adapter.requires_grad_(True)
+    else:
+        adapter = init_adapter_from_unet(diffusion_model, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed)
+    adapter.config.training = {k: str(v) for k, v in asdict(cfg).items() if k != "extra"}
+    adapter.to(device).train()
+    install_layers(diffusion_model, adapter, sdpa_attention)
+    sample_adapter = LoadedAdapter(adapter, "training")        # one ModelPatcher for every sample
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(diffusion_model)
+
+    step_module: nn.Module = MoATrainStep(adapter, diffusion_model, alphas_cumprod, cfg).to(device)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    names = {i: n for i, (n, p) in enumerate((n, p) for n, p in adapter.named_parameters() if p.requires_grad)}
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if checkpoints:
+        start, _ = load_trainer_state(checkpoints[-1] / STATE_FILE, optimizer, names)
+    if rank == 0:
+        (cfg.output_dir / "config.json").write_text(json.dumps(adapter.config.training, indent=2))
+
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" and device.type == "cuda" else None
+    log_path = cfg.output_dir / "loss_log.csv"
+    log_file = None
+    if rank == 0:
+        new_log = not log_path.exists() or not cfg.resume
+        log_file = open(log_path, "w" if new_log else "a", newline="")
+        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
+        if new_log:
+            writer.writeheader()
+    shape = tuple(examples[0].latent.shape)
+    plain_step = step_module.module if hasattr(step_module, "module") else step_module
+    eval_before = evaluate(plain_step, examples, cfg, device) if rank == 0 else {}
+    bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=rank != 0)
+    step = start
+    t0 = time.time()
+    try:
+        while step < cfg.steps:
+            optimizer.zero_grad(set_to_none=True)
+            totals: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                idx, noise, timesteps = draw(step * cfg.grad_accum + micro, rank, cfg, len(examples), shape, device)
+                with autocast():
+                    losses = step_module([examples[i] for i in idx], noise, timesteps)
+                loss = losses["loss"] / cfg.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals['loss']:.4f}", router=f"{totals['router']:.3f}",
+                            bg=f"{totals['bg_share']:.3f}")
+            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                writer.writerow({"step": step, **{k: f"{totals[k]:.6g}" for k in
+                                                  ("loss", "denoise", "router", "object", "bg_share", "fg_share")},
+                                 "lr": cfg.lr, "seconds": f"{time.time() - t0:.2f}"})
+                log_file.flush()
+            if rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
+            if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
+                write_sample(cfg, model, vae, sample_adapter, examples[0], step, device)
+            if not math.isfinite(totals["loss"]):
+                raise SystemExit(f"loss became {totals['loss']} at step {step}: lower --lr or use --mixed-precision no")
+    except KeyboardInterrupt:
+        if rank == 0:
+            d = save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
+            print(f"\ninterrupted at step {step}: checkpoint kept in {d}; continue with --resume")
+        return 130
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    if rank == 0:
+        if not cfg.checkpoint_every or step % cfg.checkpoint_every:
+            save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
+        final = save_adapter(adapter, cfg.output_dir / "adapter.safetensors", overwrite=True)
+        summary = {"steps": step, "eval_before": eval_before,
+                   "eval_after": evaluate(plain_step, examples, cfg, device)}
+        (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"wrote {final} after {step} steps; eval loss {eval_before.get('loss', float('nan')):.4f} -> "
+              f"{summary['eval_after']['loss']:.4f}, background share of the personalized expert "
+              f"{eval_before.get('bg_share', float('nan')):.3f} -> {summary['eval_after']['bg_share']:.3f}")
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,230 @@
+"""The engine alone, with plain torch: no ComfyUI is imported here, so these run in seconds
+(`bash scripts/dev.sh test tests/engine`). The attention module below has the attributes of
+any SD-style attention (to_q/to_k/to_v/to_out, heads); the engine needs nothing more."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moa_attention.engine import adapter_file
+from moa_attention.engine.adapter import init_adapter_from_unet
+from moa_attention.engine.call_state import STATE_KEY, CallState, LayerEvent, MoASettings, halving_grid
+from moa_attention.engine.errors import ClassWordError, MoAError, MoAInputError, SubjectImageError
+from moa_attention.engine.fusion import fuse_prompt
+from moa_attention.engine.layer import MoAAttention, install_layers
+from moa_attention.engine.prompt_tokens import WordTokens, bind_subjects
+from moa_attention.engine.router import apply_strength, hard_route
+from moa_attention.engine.router_maps import RouterRecorder
+from moa_attention.engine.subject_images import check_images_and_masks, crop_subject
+
+DIM, CTX, HEADS = 16, 24, 2
+
+
+class Attention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = HEADS) -> None:
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006
+        q = self.to_q(x)
+        ctx = x if context is None else context
+        k, v = self.to_k(ctx), self.to_v(ctx if value is None else value)
+        b, n, _ = q.shape
+        q, k, v = (t.reshape(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn1 = Attention(DIM)
+        self.attn2 = Attention(DIM, CTX)
+
+    def forward(self, x, context, transformer_options):
+        x = x + self.attn1(x, transformer_options=transformer_options)
+        return x + self.attn2(x, context=context, transformer_options=transformer_options)
+
+
+class TinyNet(nn.Module):
+    """Two levels of transformer blocks on an 8x8 and a 4x4 token grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x, context, transformer_options=None):
+        opts = transformer_options or {}
+        x = self.blocks[0](x, context, opts)
+        b, n, c = x.shape
+        small = F.avg_pool2d(x.transpose(1, 2).reshape(b, c, 8, 8), 2).flatten(2).transpose(1, 2)
+        return self.blocks[1](small, context, opts)
+
+
+def state_for(x, fused, settings=None, regions=None, observers=()):
+    b = x.shape[0]
+    return CallState(rows=torch.arange(b), personal_context=fused, regions=regions, latent_index=list(range(b)),
+                     settings=settings or MoASettings(), latent_hw=(8, 8), latent_batch=b, observers=observers)
+
+
+def force_router(ad, personal: bool):
+    for w in ad.layers.values():
+        w.router.fc2.weight.data.zero_()
+        w.router.fc2.bias.data = torch.tensor([-50.0, 50.0] if personal else [50.0, -50.0])
+
+
+def perturb(ad, scale=0.3):
+    g = torch.Generator().manual_seed(1)
+    for w in ad.layers.values():
+        for p in w.expert.parameters():
+            p.data.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def net():
+    return TinyNet().eval()
+
+
+def run(net, ad, x, ctx, state):
+    uninstall = install_layers(net, ad)
+    try:
+        with torch.no_grad():
+            return net(x, ctx, {STATE_KEY: state} if state is not None else None)
+    finally:
+        uninstall()
+
+
+@pytest.mark.parametrize("expert", ["lowrank", "full"])
+@pytest.mark.parametrize("hard", [False, True])
+def test_fresh_adapter_routed_to_the_expert_is_the_prior_bit_for_bit(net, expert, hard):
+    x, ctx = torch.randn(2, 64, DIM), torch.randn(2, 5, CTX)
+    with torch.no_grad():
+        base = net(x, ctx)
+    ad = init_adapter_from_unet(net, expert=expert, rank=4, seed=0)
+    assert [s.path for s in ad.config.layers] == ["blocks.0.attn1", "blocks.0.attn2", "blocks.1.attn1",
+                                                  "blocks.1.attn2"]
+    force_router(ad, personal=True)
+    out = run(net, ad, x, ctx, state_for(x, ctx, MoASettings(hard=hard)))
+    assert torch.equal(out, base)
+
+
+def test_strength_zero_and_a_prior_router_give_the_prior_exactly(net):
+    x, ctx = torch.randn(2, 64, DIM), torch.randn(2, 5, CTX)
+    with torch.no_grad():
+        base = net(x, ctx)
+    ad = init_adapter_from_unet(net, rank=4)
+    perturb(ad)
+    force_router(ad, personal=True)
+    assert (run(net, ad, x, ctx, state_for(x, ctx + 1)) - base).abs().max() > 1e-3
+    assert torch.equal(run(net, ad, x, ctx, state_for(x, ctx + 1, MoASettings(strength=0.0))), base)
+    force_router(ad, personal=False)
+    assert (run(net, ad, x, ctx, state_for(x, ctx + 1)) - base).abs().max() < 1e-6
+    # the layers are swapped back: the net is the prior again
+    with torch.no_grad():
+        assert torch.equal(net(x, ctx), base)
+
+
+def test_regions_keep_pixels_outside_exactly_prior_on_every_layer(net):
+    x, ctx = torch.randn(1, 64, DIM), torch.randn(1, 5, CTX)
+    ad = init_adapter_from_unet(net, rank=4)
+    perturb(ad)
+    force_router(ad, personal=True)
+    region = torch.zeros(1, 1, 8, 8)
+    region[..., :, :4] = 1.0
+    layer = MoAAttention(net.blocks[0].attn2, ad.layer("blocks.0.attn2"), "blocks.0.attn2")
+    with torch.no_grad():
+        ref = net.blocks[0].attn2(x, context=ctx)
+        out = layer(x, context=ctx, transformer_options={STATE_KEY: state_for(x, ctx + 1, regions=region)})
+    inside = region.flatten().bool()
+    assert torch.equal(out[:, ~inside], ref[:, ~inside])
+    assert (out[:, inside] - ref[:, inside]).abs().max() > 1e-3
+
+
+def test_observers_see_every_layer_and_router_maps_average_them(net):
+    x, ctx = torch.randn(2, 64, DIM), torch.randn(2, 5, CTX)
+    ad = init_adapter_from_unet(net, rank=4)
+    events: list[LayerEvent] = []
+    recorder = RouterRecorder()
+    run(net, ad, x, ctx, state_for(x, ctx, observers=(events.append, recorder)))
+    assert [e.path for e in events] == [s.path for s in ad.config.layers]
+    assert [e.hw for e in events] == [(8, 8), (8, 8), (4, 4), (4, 4)]
+    assert all(e.query is not None and e.key is not None for e in events)      # soft path: q/k for the trainer
+    assert events[1].key.shape[1] == 5                                          # attn2 keys: the prompt tokens
+    maps = recorder.average()
+    assert maps.shape == (2, 8, 8)
+    fresh_share = torch.softmax(torch.tensor([4.0, 0.0]), 0)[1].item()          # a fresh router's margin
+    assert maps.mean().item() == pytest.approx(fresh_share, rel=0.05)
+
+
+def test_strength_scales_the_share_and_hard_routing_is_top1():
+    share = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.equal(apply_strength(share, 0.0), torch.zeros(4))
+    assert torch.equal(apply_strength(share, 1.0), share)
+    s3 = apply_strength(share, 3.0)
+    assert s3[0] == 0 and s3[-1] == 1 and s3[1] == pytest.approx(0.5)
+    assert torch.equal(hard_route(share), torch.tensor([0.0, 0.0, 0.0, 1.0]))
+
+
+def test_fusion_changes_only_the_bound_tokens_and_a_fresh_one_changes_nothing(net):
+    ad = init_adapter_from_unet(net, rank=4)
+    plain, feature = torch.randn(7, 768), torch.randn(768)
+    assert torch.equal(fuse_prompt(ad.fusion, plain, [([2, 3], feature)]), plain)
+    ad.fusion.fc2.weight.data.normal_(0, 0.1)
+    fused = fuse_prompt(ad.fusion, plain, [([2, 3], feature)])
+    changed = (fused != plain).any(dim=1)
+    assert changed.tolist() == [False, False, True, True, False, False, False]
+
+
+def test_class_words_bind_left_to_right_and_refuse_with_the_tokens():
+    man, dog = WordTokens("man", (10,)), WordTokens("dog", (20, 21))
+    chunks = [[0, 5, 10, 6, 20, 21, 6, 10, 1]]
+    assert bind_subjects(chunks, [man, dog, man]) == [[2], [4, 5], [7]]
+    with pytest.raises(ClassWordError, match=r"3 subjects use the class word 'man'.*only 2 time"):
+        bind_subjects(chunks, [man, man, man])
+    with pytest.raises(ClassWordError, match="'cat' is not in the prompt"):
+        bind_subjects(chunks, [WordTokens("cat", (30,))])
+
+
+def test_subject_crops_and_their_refusals():
+    image = torch.zeros(1, 32, 48, 3)
+    mask = torch.zeros(1, 32, 48)
+    mask[0, 8:16, 10:30] = 1.0
+    image[0, 8:16, 10:30] = 0.5
+    masks = check_images_and_masks(image, mask, "subject")
+    crop = crop_subject(image[0], masks[0], size=64)
+    assert crop.shape == (64, 64, 3)
+    assert crop[32, 32].tolist() == pytest.approx([0.5] * 3, abs=1e-3) and crop[0, 0].tolist() == [1.0] * 3
+    with pytest.raises(SubjectImageError, match="mask 1 of 1 is empty"):
+        check_images_and_masks(image, torch.zeros(1, 32, 48), "subject")
+    with pytest.raises(SubjectImageError, match="mask size 8x8 differs from image size 48x32"):
+        check_images_and_masks(image, torch.ones(1, 8, 8), "subject")
+
+
+def test_errors_keep_their_type_when_a_node_prefixes_them():
+    err = SubjectImageError("mask 1 of 1 is empty")
+    prefixed = err.with_prefix("MoA Subject 'dog'")
+    assert type(prefixed) is SubjectImageError and isinstance(prefixed, (MoAError, ValueError))
+    assert str(prefixed) == "MoA Subject 'dog': mask 1 of 1 is empty"
+    assert prefixed.with_prefix("MoA Subject 'dog'") is prefixed
+    with pytest.raises(MoAInputError, match="cannot place 10 tokens"):
+        halving_grid(10, (8, 8))
+    assert halving_grid(12, (5, 7)) == (3, 4)
+
+
+def test_adapter_file_round_trip_with_plain_torch(net, tmp_path):
+    ad = init_adapter_from_unet(net, expert="full", seed=2)
+    perturb(ad)
+    path = adapter_file.save_adapter(ad, tmp_path / "a.safetensors", dtype=torch.float32)
+    back = adapter_file.load_adapter(path)
+    assert back.config.layers == ad.config.layers
+    for (k, a), (_, b) in zip(sorted(ad.state_dict().items()), sorted(back.state_dict().items())):
+        assert torch.equal(a, b), k
+    with pytest.raises(FileExistsError):
+        adapter_file.save_adapter(ad, path)

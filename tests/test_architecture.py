@@ -1,0 +1,151 @@
+"""The layering the README describes, checked by reading every import of the pack's code.
+
+nodes/ -> moa_attention/comfyui/ -> moa_attention/engine/; training/ is offline and nothing but
+its command-line entry point imports it; the engine never imports ComfyUI.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "comfyui_moa"
+COMFYUI_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "comfy_config", "folder_paths",
+                   "nodes", "server", "execution", "latent_preview", "node_helpers", "app", "utils"}
+
+
+def pack_modules() -> dict[str, Path]:
+    """Dotted name inside the pack (e.g. 'moa_attention.engine.layer') -> file."""
+    files = [ROOT / "__init__.py", *sorted((ROOT / "nodes").rglob("*.py")), *sorted((ROOT / "moa_attention").rglob("*.py"))]
+    out = {}
+    for f in files:
+        rel = f.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+def imports_of(name: str, path: Path) -> list[tuple[str, bool]]:
+    """(imported module, is_inside_pack) for every import statement, lazy ones included.
+    Relative imports are resolved to dotted names inside the pack."""
+    tree = ast.parse(path.read_text())
+    is_pkg = path.name == "__init__.py"
+    package = name.split(".") if is_pkg else name.split(".")[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, False) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                found.append((node.module or "", False))
+                continue
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            target = ".".join([*base, node.module] if node.module else base)
+            if node.module is None:     # from . import a, b
+                found += [((f"{target}.{a.name}" if target else a.name), True) for a in node.names]
+            else:
+                found.append((target, True))
+    return found
+
+
+MODULES = pack_modules()
+
+
+def layer_of(module: str) -> str:
+    for prefix in ("moa_attention.engine", "moa_attention.comfyui", "moa_attention.training",
+                   "moa_attention.faces", "nodes"):
+        if module == prefix or module.startswith(prefix + "."):
+            return prefix.split(".")[-1]
+    return module
+
+
+def test_the_engine_never_imports_comfyui_or_the_layers_above_it():
+    bad = []
+    for name, path in MODULES.items():
+        if layer_of(name) != "engine":
+            continue
+        for target, inside in imports_of(name, path):
+            if not inside and target.split(".")[0] in COMFYUI_MODULES:
+                bad.append(f"{name} imports {target}")
+            if inside and layer_of(target) != "engine":
+                bad.append(f"{name} imports {target} ({layer_of(target)} layer)")
+    assert not bad, bad
+
+
+def test_imports_point_one_way_and_nothing_imports_the_trainer():
+    allowed = {  # layer -> layers of the pack it may import
+        "nodes": {"nodes", "comfyui", "engine", "faces"},
+        "comfyui": {"comfyui", "engine"},
+        "faces": {"faces", "engine"},
+        "training": {"training", "comfyui", "engine"},
+    }
+    bad = []
+    for name, path in MODULES.items():
+        layer = layer_of(name)
+        for target, inside in imports_of(name, path):
+            if not inside:
+                continue
+            if name == "moa_attention.train" and target.startswith("moa_attention.training"):
+                continue        # `python -m moa_attention.train`, the trainer's entry point
+            if layer in allowed and layer_of(target) not in allowed[layer]:
+                bad.append(f"{name} ({layer}) imports {target} ({layer_of(target)})")
+            if layer not in allowed and layer_of(target) == "training":
+                bad.append(f"{name} imports the trainer: {target}")
+    assert not bad, bad
+
+
+def test_no_node_classes_outside_nodes():
+    for name, path in MODULES.items():
+        if name.startswith("moa_attention"):
+            assert "def INPUT_TYPES" not in path.read_text(), f"{name} defines a node class"
+
+
+def test_no_import_cycles():
+    graph = {name: set() for name in MODULES}
+    for name, path in MODULES.items():
+        for target, inside in imports_of(name, path):
+            if not inside:
+                continue
+            while target and target not in MODULES:      # `from .x import name` may name an attribute
+                target = target.rpartition(".")[0]
+            if target and target != name and not name.startswith(target + "."):
+                graph[name].add(target)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if m.startswith(n + "."):         # a package importing its own submodule is not a cycle
+                continue
+            if state.get(m) == 1:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+            if m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+
+
+def test_the_engine_imports_with_plain_torch():
+    """In a fresh interpreter without ComfyUI on the path, every engine module imports and no
+    ComfyUI module gets loaded."""
+    engine = sorted(n for n in MODULES if layer_of(n) == "engine")
+    code = ("import importlib, sys; sys.path.insert(0, sys.argv[1]); "
+            f"[importlib.import_module(m) for m in {engine!r}]; "
+            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(COMFYUI_MODULES)!r}); "
+            "print('LOADED', bad)")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED []" in proc.stdout, proc.stdout
