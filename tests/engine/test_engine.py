@@ -3,6 +3,8 @@
 any SD-style attention (to_q/to_k/to_v/to_out, heads); the engine needs nothing more."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -228,3 +230,22 @@ def test_adapter_file_round_trip_with_plain_torch(net, tmp_path):
         assert torch.equal(a, b), k
     with pytest.raises(FileExistsError):
         adapter_file.save_adapter(ad, path)
+
+
+def test_metrics_auroc_and_change_inside_outside():
+    from moa_attention.engine.metrics import auroc, change_inside_outside, cosine, psnr
+    labels = torch.tensor([0, 0, 1, 1])
+    assert auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), labels) == 1.0
+    assert auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), labels) == 0.0
+    assert auroc(torch.full((4,), 0.3), labels) == 0.5            # a uniform share is chance, whatever its level
+    assert auroc(torch.tensor([0.1, 0.5, 0.5, 0.9]), labels) == pytest.approx(0.875)
+    a = torch.zeros(1, 4, 8, 8)
+    b = a.clone()
+    mask = torch.zeros(8, 8)
+    mask[:4] = 1
+    b[..., :4, :] += 2.0
+    b[..., 4:, :] += 0.5
+    inside, outside = change_inside_outside(a, b, mask)
+    assert (inside, outside) == (2.0, 0.5)
+    assert psnr(a, a) == float("inf") and psnr(a, b, 1 - mask, peak=1.0) == pytest.approx(10 * math.log10(1 / 0.25))
+    assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0])) == pytest.approx(1.0)
