@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -25,6 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support import runtime  # noqa: E402
 from support.runtime import COMFY_DIR, ROOT  # noqa: E402
+from support.waits import minutes, wait_for  # noqa: E402
 
 # the engine as a top-level package too (`python -m moa_attention.train` imports it so); appended,
 # because ComfyUI's own `nodes` module must win over this pack's `nodes/` folder
@@ -144,7 +144,7 @@ class ComfyServer:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def request(self, path: str, body: dict | None = None, timeout: float = 30):
+    def request(self, path: str, body: dict | None = None, timeout: float = minutes(5)):
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data,
                                      headers={"Content-Type": "application/json"} if data else {})
@@ -152,17 +152,23 @@ class ComfyServer:
             raw = r.read()
             return json.loads(raw) if raw and r.headers.get_content_type() == "application/json" else raw
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                self.request("/system_stats", timeout=2)
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(0.5)
-        raise TimeoutError(f"ComfyUI not ready after {timeout}s:\n{self.log_tail()}")
+    def _alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
+
+    def _answers(self) -> bool:
+        try:
+            self.request("/system_stats", timeout=minutes(1))
+            return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def wait_ready(self, budget_minutes: float = 10) -> None:
+        """Until GET /system_stats answers (or the process dies)."""
+        try:
+            wait_for(self._answers, "ComfyUI answering /system_stats", budget_minutes, poll=0.5, alive=self._alive)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n{self.log_tail()}") from None
 
     def post(self, graph: dict) -> tuple[int, dict]:
         """POST /prompt; returns (HTTP status, JSON body) without raising on 400."""
@@ -171,26 +177,26 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
-    def run(self, graph: dict, timeout: float = 300) -> dict:
-        """Queue a graph and wait for it; returns its history entry (status + outputs)."""
+    def run(self, graph: dict, budget_minutes: float = 15) -> dict:
+        """Queue a graph and wait until its history entry says success or error (returned)."""
         code, body = self.post(graph)
         if code != 200:
             raise AssertionError(f"prompt rejected with HTTP {code}: {json.dumps(body)[:3000]}")
         pid = body["prompt_id"]
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+
+        def finished():
             hist = self.request(f"/history/{pid}")
-            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-                if hist[pid]["status"].get("status_str") in ("success", "error"):
-                    return hist[pid]
-            time.sleep(0.2)
-        raise TimeoutError(f"prompt {pid} did not finish in {timeout}s")
+            entry = hist.get(pid) if isinstance(hist, dict) else None
+            status = (entry or {}).get("status", {})
+            return entry if status.get("completed") is not None and status.get("status_str") in ("success",
+                                                                                               "error") else None
+        return wait_for(finished, f"prompt {pid} finishing", budget_minutes, alive=self._alive)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=minutes(2))
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()

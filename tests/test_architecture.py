@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.waits import minutes
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK = "comfyui_moa"
@@ -145,7 +146,7 @@ def test_the_engine_imports_with_plain_torch():
             f"[importlib.import_module(m) for m in {engine!r}]; "
             f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(COMFYUI_MODULES)!r}); "
             "print('LOADED', bad)")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=minutes(5),
                           cwd=ROOT / "tests")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LOADED []" in proc.stdout, proc.stdout

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from support.datasets import write_dataset
+from support.waits import minutes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,11 +69,11 @@ def test_validator_command_lists_problems_and_fails(tmp_path):
     root = write_dataset(tmp_path, n=2)
     (root / "manifest.jsonl").write_text((root / "manifest.jsonl").read_text() + '{"image": 3}\n')
     proc = subprocess.run([sys.executable, "-m", "moa_attention.training.dataset", str(root)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=minutes(5))
     assert proc.returncode == 1
     assert "line 3: caption: missing or empty" in proc.stdout
     assert "line 3: image: expected a relative file path, got 3" in proc.stdout
     assert "2 good row(s)" in proc.stdout
     ok = subprocess.run([sys.executable, "-m", "moa_attention.training.dataset", str(write_dataset(tmp_path / "ok", n=1))],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        cwd=ROOT, capture_output=True, text=True, timeout=minutes(5))
     assert ok.returncode == 0 and "0 problem(s)" in ok.stdout

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support.waits import minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 COMFY = ROOT / ".dev" / "ComfyUI"
 
@@ -40,7 +42,7 @@ print("RESULT" + json.dumps({
 
 def test_comfyui_loads_the_pack_with_registration_only():
     proc = subprocess.run([sys.executable, "-c", PROBE, str(COMFY), str(ROOT)], capture_output=True, text=True,
-                          timeout=300, cwd=COMFY)
+                          timeout=minutes(5), cwd=COMFY)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(line[len("RESULT"):])

@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .waits import minutes, wait_for
+
 CHROMEDRIVER = Path("/usr/bin/chromedriver")             # Debian's chromium-driver (what dev.sh setup installs)
 CHROMIUM_CANDIDATES = (Path("/usr/lib/chromium/chromium"), Path("/usr/bin/chromium"))
 OTHER_BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -59,7 +61,7 @@ def start_chromium(width: int = 1600, height: int = 1000):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(chromedriver())), options=opts)
-    driver.set_script_timeout(60)
+    driver.set_script_timeout(minutes(5))
     quit_ = driver.quit
 
     def quit_and_clean():
@@ -71,16 +73,14 @@ def start_chromium(width: int = 1600, height: int = 1000):
     return driver
 
 
-def open_editor(driver, url: str, timeout: float = 60, node_type: str = "MoAApply") -> float:
+def open_editor(driver, url: str, budget_minutes: float = 5, node_type: str = "MoAApply") -> float:
     """Open the graph editor and wait until the app and `node_type` are registered; returns seconds taken."""
     t0 = time.time()
     driver.get(url + "/")
-    while time.time() - t0 < timeout:
-        if driver.execute_script("return !!(window.app && app.graph && app.canvas && window.LiteGraph && "
-                                 "LiteGraph.registered_node_types[arguments[0]])", node_type):
-            return time.time() - t0
-        time.sleep(0.2)
-    raise TimeoutError(f"graph editor at {url} not ready after {timeout}s (no {node_type} node type)")
+    wait_for(lambda: driver.execute_script("return !!(window.app && app.graph && app.canvas && window.LiteGraph && "
+                                           "LiteGraph.registered_node_types[arguments[0]])", node_type),
+             f"graph editor at {url} with the {node_type} node type", budget_minutes)
+    return time.time() - t0
 
 
 def console_errors(driver) -> list[str]:
