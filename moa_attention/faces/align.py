@@ -189,13 +189,15 @@ def _prepare(analysis, providers: tuple[str, ...], det_size: int, det_thresh: fl
 
 
 def load_face_analysis(root: Path | str, name: str, providers=("CPUExecutionProvider",), det_size: int = 640,
-                       det_thresh: float = 0.5):
-    """insightface FaceAnalysis with only the face detector of `<root>/models/<name>`, prepared;
-    cached per (root, name, providers, det_size, det_thresh) and reloaded when the files change."""
+                       det_thresh: float = 0.5, modules: tuple[str, ...] = ("detection",)):
+    """insightface FaceAnalysis with the `modules` of `<root>/models/<name>` (default: only the face
+    detector; identity.py adds "recognition"), prepared; cached per (root, name, providers,
+    det_size, det_thresh, modules) and reloaded when the files change."""
     root = Path(root).expanduser().resolve()
     providers = tuple(providers)
+    modules = tuple(modules)
     folder = find_face_models(root, name)      # before insightface: it would download or assert
-    key = (str(root), name, providers, int(det_size), float(det_thresh))
+    key = (str(root), name, providers, int(det_size), float(det_thresh), modules)
     stamp = _folder_stamp(folder)
     with _LOCK:
         hit = _CACHE.get(key)
@@ -205,7 +207,7 @@ def load_face_analysis(root: Path | str, name: str, providers=("CPUExecutionProv
     try:
         # name = the absolute folder: 2.1 uses an existing directory as is, 0.7.3 joins it onto
         # root/models (an absolute path wins) and finds it present, so neither downloads
-        analysis = FaceAnalysis(name=str(folder), root=str(root), allowed_modules=["detection"],
+        analysis = FaceAnalysis(name=str(folder), root=str(root), allowed_modules=list(modules),
                                 providers=list(providers))
     except AssertionError as e:
         files = ", ".join(sorted(p.name for p in folder.glob("*.onnx")))
@@ -229,11 +231,15 @@ class DetectedFace:
     score: float
 
 
+def to_bgr_uint8(image: np.ndarray) -> np.ndarray:
+    """RGB float [H, W, 3] in 0..1 -> what insightface takes: BGR uint8."""
+    return np.ascontiguousarray((np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)[..., ::-1])
+
+
 def detect_faces(image: np.ndarray, analysis) -> list[DetectedFace]:
-    """All faces in one RGB float image [H, W, 3] in 0..1 (insightface wants BGR uint8)."""
-    bgr = np.ascontiguousarray((np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)[..., ::-1])
+    """All faces in one RGB float image [H, W, 3] in 0..1."""
     faces = []
-    for f in analysis.get(bgr):
+    for f in analysis.get(to_bgr_uint8(image)):
         if f.kps is None:
             continue          # a detector without keypoints cannot align
         faces.append(DetectedFace(bbox=np.asarray(f.bbox, np.float64)[:4], kps=np.asarray(f.kps, np.float64),
