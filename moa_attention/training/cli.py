@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..comfyui.locate import find_comfyui
 from .config import TrainConfig
 
 
@@ -55,17 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ns = build_parser().parse_args(argv)
     return TrainConfig(**{k: v for k, v in vars(ns).items()})
-
-
-def find_comfyui(explicit: Path | None) -> Path:
-    here = Path(__file__).resolve()
-    candidates = [explicit, Path(os.environ["COMFYUI_PATH"]) if os.environ.get("COMFYUI_PATH") else None,
-                  here.parents[4] if len(here.parents) > 4 else None,  # ComfyUI/custom_nodes/<pack>/moa_attention/training
-                  here.parents[2] / ".dev" / "ComfyUI"]
-    for c in candidates:
-        if c is not None and (c / "comfy" / "model_management.py").is_file():
-            return c
-    raise SystemExit("cannot find ComfyUI: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH")
 
 
 def main(argv: list[str] | None = None) -> int:
