@@ -6,7 +6,6 @@ Runs unchanged on one device or data-parallel under `torchrun --nproc_per_node N
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
