@@ -5,7 +5,8 @@
 #   bash scripts/dev.sh test   set up what is missing, then run the whole test suite
 #   bash scripts/dev.sh setup  only set up (idempotent: a second run only checks)
 #
-# Everything it makes lives in .venv/ and .dev/ (both git-ignored). Pins: scripts/dev-constraints.txt.
+# Everything it makes lives in .venv/ and .dev/ (both git-ignored). Pins: scripts/dev-constraints.txt
+# (the runtime) and scripts/tools-constraints.txt (comfy-cli, in its own venv .dev/tools).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +15,8 @@ DEV="$ROOT/.dev"
 COMFY="$DEV/ComfyUI"
 BASE="$DEV/base"                       # ComfyUI --base-directory for `run`: models/, output/, custom_nodes/
 CONSTRAINTS="$ROOT/scripts/dev-constraints.txt"
+TOOLS_CONSTRAINTS="$ROOT/scripts/tools-constraints.txt"
+TOOLS="$DEV/tools"                     # comfy-cli, for the registry packaging tests
 PY="$VENV/bin/python"
 PACK_LINK_NAME="comfyui-moa"
 
@@ -25,7 +28,7 @@ pin_of() { # the pinned version of a package in the constraints file
 
 # A stamp of everything that decides what gets installed; setup is skipped while it matches.
 stamp_value() {
-  cat "$CONSTRAINTS" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1
+  cat "$CONSTRAINTS" "$TOOLS_CONSTRAINTS" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1
 }
 
 pip_install() { # pip with the pins; drops one harmless warning this machine's pip config prints
@@ -38,9 +41,10 @@ setup_venv() {
     log "creating .venv"
     python3 -m venv "$VENV"
   fi
-  if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  if ! "$PY" -c "import torch, torchvision, torchaudio" >/dev/null 2>&1; then
+    # torchaudio too: without it ComfyUI prints IMPORT FAILED for its audio nodes at every start
     log "installing torch $(pin_of torch) (CPU is enough; ~2 min)"
-    pip_install "torch==$(pin_of torch)" "torchvision==$(pin_of torchvision)"
+    pip_install "torch==$(pin_of torch)" "torchvision==$(pin_of torchvision)" "torchaudio==$(pin_of torchaudio)"
   fi
 }
 
@@ -73,7 +77,17 @@ setup_requirements() {
   grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$req"
   pip_install -r "$req" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" requests
   rm -f "$req"
+  setup_tools
   echo "$stamp" > "$VENV/.moa-stamp"
+}
+
+setup_tools() { # comfy-cli in its own venv: the registry's own `comfy node validate` / `comfy node pack`
+  if [[ ! -x "$TOOLS/bin/python" ]]; then
+    python3 -m venv "$TOOLS"
+  fi
+  log "installing comfy-cli $(grep -i '^comfy-cli==' "$TOOLS_CONSTRAINTS" | cut -d= -f3) into .dev/tools"
+  "$TOOLS/bin/python" -m pip install --quiet --disable-pip-version-check -c "$TOOLS_CONSTRAINTS" comfy-cli 2>&1 \
+    | sed '/is ignored: it is neither a file nor a directory/d'
 }
 
 setup_browser() { # Chromium + chromedriver (Debian packages) for tests/test_workflows_browser.py
