@@ -141,3 +141,28 @@ def make_face_model_folder(root: Path, name: str = "fakeface", detector: str = "
     if recognizer:
         build_recognizer(folder / recognizer)
     return folder
+
+
+def forbid_downloads(monkeypatch) -> None:
+    """insightface downloads with no timeout; a test that reaches it must fail at once, not hang."""
+    import sys
+
+    import insightface.utils.storage  # noqa: F401  (insightface.utils.download is shadowed by a function)
+
+    def refuse(*a, **k):
+        raise AssertionError(f"insightface tried to download: {a} {k}")
+
+    monkeypatch.setattr(sys.modules["insightface.utils.download"], "download_file", refuse)
+    monkeypatch.setattr(sys.modules["insightface.utils.storage"], "download_file", refuse)
+
+
+def astronaut_with(other_photo: np.ndarray, box=(160, 40, 300, 200)) -> np.ndarray:
+    """skimage's astronaut (float [512, 512, 3]) with `other_photo`'s pixels pasted over her face:
+    a different subject where the stand-in detector finds the face."""
+    from PIL import Image
+    from skimage import data
+    base = data.astronaut().astype(np.float32) / 255
+    other = np.asarray(Image.fromarray(np.asarray(other_photo)).convert("RGB").resize((512, 512)), np.float32) / 255
+    x0, y0, x1, y1 = box
+    base[y0:y1, x0:x1] = other[y0:y1, x0:x1]
+    return base
