@@ -119,6 +119,17 @@ def _bad(name):
                                                           "weight_dtype": "default"}}
         g["apply"]["inputs"]["model"] = ["unet", 0]
         return g, r"model is SD20 \(context_dim 1024\); MoA adapters run on SD1.5 models"
+    if name == "NaN strength":              # JSON allows NaN and ComfyUI's range check lets it through
+        g["apply"]["inputs"]["strength"] = float("nan")
+        return g, r"^MoA Apply: strength must be a number in \[0, 3.0\], got nan\. Set it on the node"
+    if name == "NaN end_percent":
+        g["apply"]["inputs"]["end_percent"] = float("nan")
+        return g, r"^MoA Apply: end_percent must be a number in \[0, 1\], got nan"
+    if name == "layer set without layers":  # the tiny checkpoint has no middle block
+        g = moa_graph(ADAPTER, ONE, PROMPT)
+        g["maps"]["inputs"]["layers"] = "middle block"
+        return g, (r"^MoA Router Maps: layers 'middle block' has no attention layers in this model \(it has \d+: "
+                   r".*\)\. Choose 'all layers' or another set")
     if name == "missing adapter file":
         g["adapter"]["inputs"]["adapter_name"] = "nope.safetensors"
         return g, None          # rejected at validation (HTTP 400)
@@ -127,7 +138,8 @@ def _bad(name):
 
 @pytest.mark.parametrize("case", ["word not in prompt", "more subjects than words", "mask size differs",
                                   "empty mask", "batch lengths differ", "image encoder differs",
-                                  "not an SD1.5 model", "missing adapter file"])
+                                  "not an SD1.5 model", "missing adapter file", "NaN strength", "NaN end_percent",
+                                  "layer set without layers"])
 def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, server_inputs, case):
     g, pattern = _bad(case)
     if pattern is None:
@@ -140,6 +152,10 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, serve
         assert entry["status"]["status_str"] == "error" and err is not None
         import re
         assert re.search(pattern, err["exception_message"]), err["exception_message"]
+        # the refusal names its node and keeps the pack's error type (ComfyUI shows both)
+        assert err["exception_message"].startswith(("MoA Apply: ", "MoA Subject ", "MoA Router Maps: ")), err
+        assert err["exception_type"].rsplit(".", 1)[-1] in {
+            "MoAInputError", "ClassWordError", "SubjectImageError", "ModelMismatchError", "AdapterFileError"}, err
     ok = copy.deepcopy(moa_graph(ADAPTER, ONE, PROMPT, maps=False, seed=hash(case) % 1000))
     assert_success(server.run(ok))
 
