@@ -161,16 +161,26 @@ def context_preservation(baseline: torch.Tensor, other: torch.Tensor, mask: torc
     """Change of `other` against `baseline` inside and outside `mask` (1 = subject).
 
     Images (IMAGE [B, H, W, 3] in [0, 1], or [B, C, H, W]): mean absolute change, masked PSNR
-    (dB, +inf where nothing changed) and masked SSIM on each side. Latents: pass peak=None, and
+    (dB, +inf where nothing changed) and masked SSIM on each side (1 where nothing changed; each
+    side's SSIM is taken with the other side pasted from the baseline). Latents: pass peak=None, and
     only the mean change is computed (a latent has no fixed peak for PSNR, and SSIM's constants
     assume one)."""
     inside, outside = change_inside_outside(baseline, other, mask)
     if peak is None:
         return ContextScores(inside, outside)
     m = mask.float()
+    base, pic = channels_first(baseline.float()), channels_first(other.float())
+    if base.ndim != 4:
+        raise ValueError(f"context preservation needs images [B, H, W, C] or [B, C, H, W], got {list(baseline.shape)}")
+    side = resize_mask(m.to(base.device), base.shape[-2:])
+    side = side[:, None] if side.ndim == 3 else side[None, None]
+    # each side's SSIM sees only that side's changes: the other side is taken from the baseline, so
+    # windows at the mask's edge do not count the subject's change as a change of the context
+    only_inside = base + side * (pic - base)
+    only_outside = pic + side * (base - pic)
     return ContextScores(inside, outside,
                          psnr(baseline, other, m, peak), psnr(baseline, other, 1 - m, peak),
-                         ssim(baseline, other, m, peak), ssim(baseline, other, 1 - m, peak))
+                         ssim(base, only_inside, m, peak), ssim(base, only_outside, 1 - m, peak))
 
 
 @dataclass(frozen=True)
