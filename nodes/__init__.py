@@ -3,6 +3,8 @@ from .adapter_loader import MoAAdapterLoader
 from .apply import MoAApply
 from .common import register_model_folder
 from .face_align import MoAFaceAlign
+from .inversion import MoADDIMInversionSampler, MoAInvertPhoto
+from .morph import MoASubjectMorph
 from .router_maps import MoARouterMaps
 from .subject import MoASubject
 
@@ -12,6 +14,9 @@ NODE_CLASS_MAPPINGS = {
     "MoAApply": MoAApply,
     "MoARouterMaps": MoARouterMaps,
     "MoAFaceAlign": MoAFaceAlign,
+    "MoASubjectMorph": MoASubjectMorph,
+    "MoAInvertPhoto": MoAInvertPhoto,
+    "MoADDIMInversionSampler": MoADDIMInversionSampler,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,6 +25,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MoAApply": "MoA Apply",
     "MoARouterMaps": "MoA Router Maps",
     "MoAFaceAlign": "MoA Face Align",
+    "MoASubjectMorph": "MoA Subject Morph",
+    "MoAInvertPhoto": "MoA Invert Photo",
+    "MoADDIMInversionSampler": "MoA DDIM Inversion Sampler",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_model_folder"]

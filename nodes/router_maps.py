@@ -55,9 +55,12 @@ class MoARouterMaps:
             "image": ("IMAGE", {"tooltip": "The decoded picture, to draw the map over."}),
             "opacity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                   "tooltip": "Opacity of the colours over 'image'."}),
+            "subject": ("INT", {"default": 0, "min": 0, "max": 16,
+                                "tooltip": "0 = all subjects. 1, 2, ... = only that subject (in MoA Subject chain "
+                                           "order); needs a region on every subject, and is 0 outside its region."}),
         }}
 
-    def maps(self, model, samples, layers, image=None, opacity=0.5):
+    def maps(self, model, samples, layers, image=None, opacity=0.5, subject=0):
         controller = get_controller(model)
         if controller is None:
             raise refuse(NODE, "model has no MoA patch. Connect the MODEL output of MoA Apply")
@@ -72,8 +75,10 @@ class MoARouterMaps:
         if not chosen:
             raise refuse(NODE, f"layers '{layers}' has no attention layers in this model (it has "
                                f"{len(recorder.layers)}: {recorder.layers[0]} ...). Choose 'all layers' or another set")
+        if subject < 0:
+            raise refuse(NODE, f"subject must be 0 (all subjects) or a subject's number, got {subject}")
         with refusals(NODE):
-            share = recorder.average(chosen)                          # [B, h, w]
+            share = recorder.average(chosen) if subject == 0 else recorder.subject_average(subject - 1, chosen)
         lat = samples["samples"]
         b = lat.shape[0]
         if share.shape[0] < b:

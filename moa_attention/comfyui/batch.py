@@ -18,31 +18,55 @@ from ..engine.call_state import CallState, MoASettings, Observer, halving_grid
 @dataclass
 class SubjectBinding:
     """One prompt that MoA fused: the plain text-encoder output the sampler will see, and the
-    same prompt with the subjects' tokens replaced by fused embeddings."""
+    same prompt with the subjects' tokens replaced by fused embeddings.
+
+    `fused` may hold one prompt per latent of the batch ([K, L, D], a morph sequence: latent i
+    gets fused[i % K]). With per-subject regions, `subject_fused` [S, L, D] (or [K, S, L, D])
+    holds one prompt per subject with only that subject's tokens fused, and `subject_regions`
+    [S, H, W] where each subject may appear; `region` is then their union."""
     plain: torch.Tensor                     # [L, D]
-    fused: torch.Tensor                     # [L, D]
+    fused: torch.Tensor                     # [L, D] or [K, L, D]
     region: torch.Tensor | None = None      # [H, W] in [0, 1], image or latent space; None = anywhere
+    subject_fused: torch.Tensor | None = None
+    subject_regions: torch.Tensor | None = None
     _cast: dict = field(default_factory=dict, repr=False)
 
-    def cast(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (like.dtype, like.device)
+    def _cast_to(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype, like.device)
         if key not in self._cast:
-            self._cast[key] = (self.plain.to(device=like.device, dtype=like.dtype),
-                               self.fused.to(device=like.device, dtype=like.dtype))
+            self._cast[key] = getattr(self, name).to(device=like.device, dtype=like.dtype)
         return self._cast[key]
+
+    def cast(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cast_to("plain", like), self._cast_to("fused", like)
 
     def matches(self, row: torch.Tensor) -> bool:
         """row [L', D] is this prompt, possibly repeated: ComfyUI repeats shorter prompts up to
         the batch's longest when it batches conds of different lengths."""
-        plain, _ = self.cast(row)
+        plain = self._cast_to("plain", row)
         n = plain.shape[0]
         if row.shape[-1] != plain.shape[-1] or row.shape[0] % n:
             return False
         return all(torch.equal(row[i:i + n], plain) for i in range(0, row.shape[0], n))
 
-    def fused_like(self, row: torch.Tensor) -> torch.Tensor:
-        _, fused = self.cast(row)
+    @property
+    def sequence_length(self) -> int:
+        """K: how many fused prompts (one per latent of a morph sequence); 1 normally."""
+        return self.fused.shape[0] if self.fused.ndim == 3 else 1
+
+    def _for_latent(self, t: torch.Tensor, base_ndim: int, latent_index: int) -> torch.Tensor:
+        return t[latent_index % t.shape[0]] if t.ndim > base_ndim else t
+
+    def fused_like(self, row: torch.Tensor, latent_index: int = 0) -> torch.Tensor:
+        fused = self._for_latent(self._cast_to("fused", row), 2, latent_index)
         return fused.repeat(row.shape[0] // fused.shape[0], 1)
+
+    def subject_fused_like(self, row: torch.Tensor, latent_index: int = 0) -> torch.Tensor | None:
+        """[S, L', D] one prompt per subject, repeated like `row`."""
+        if self.subject_fused is None:
+            return None
+        fused = self._for_latent(self._cast_to("subject_fused", row), 3, latent_index)
+        return fused.repeat(1, row.shape[0] // fused.shape[1], 1)
 
 
 def comfy_token_grid(latent_hw: tuple[int, int]):
@@ -56,18 +80,19 @@ def comfy_token_grid(latent_hw: tuple[int, int]):
     return grid
 
 
+def _to_latent(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """[..., H, W] -> [C, h, w] at latent size (area-averaged: a pixel outside stays exactly 0)."""
+    m = mask.float().reshape(-1, *mask.shape[-2:])[None]
+    if m.shape[-2:] != tuple(latent_hw):
+        m = F.interpolate(m, size=latent_hw, mode="area")
+    return m[0]
+
+
 def _latent_regions(regions: list[torch.Tensor | None], latent_hw: tuple[int, int], device) -> torch.Tensor | None:
     if all(reg is None for reg in regions):
         return None
-    h, w = latent_hw
-    masks = []
-    for reg in regions:
-        if reg is None:
-            masks.append(torch.ones(1, 1, h, w))
-        else:
-            m = reg.float()[None, None]
-            masks.append(F.interpolate(m, size=(h, w), mode="area") if m.shape[-2:] != (h, w) else m)
-    return torch.cat(masks).to(device)
+    masks = [torch.ones(1, *latent_hw) if reg is None else _to_latent(reg, latent_hw) for reg in regions]
+    return torch.stack(masks).to(device)
 
 
 def build_call_state(context: torch.Tensor, transformer_options: dict, bindings: list[SubjectBinding],
@@ -82,7 +107,7 @@ def build_call_state(context: torch.Tensor, transformer_options: dict, bindings:
     batch = context.shape[0]
     cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
     chunk = max(batch // len(cond_or_uncond), 1)
-    rows, contexts, regions, latent_index = [], [], [], []
+    rows, contexts, regions, latent_index, matched = [], [], [], [], []
     for r in range(batch):
         group = min(r // chunk, len(cond_or_uncond) - 1)
         if cond_or_uncond[group] != 0:      # negative/uncond rows stay exactly the prior
@@ -90,14 +115,23 @@ def build_call_state(context: torch.Tensor, transformer_options: dict, bindings:
         for b in bindings:
             if b.matches(context[r]):
                 rows.append(r)
-                contexts.append(b.fused_like(context[r]))
+                contexts.append(b.fused_like(context[r], r % chunk))
                 regions.append(b.region)
                 latent_index.append(r % chunk)
+                matched.append(b)
                 break
     if not rows:
         return None
+    subject_contexts = subject_regions = None
+    if all(b.subject_fused is not None for b in matched):
+        subject_contexts = torch.stack([b.subject_fused_like(context[r], li)
+                                        for b, r, li in zip(matched, rows, latent_index)])
+        subject_regions = torch.stack([_to_latent(b.subject_regions, latent_hw) for b in matched]).to(context.device)
+        union = subject_regions.sum(dim=1, keepdim=True).clamp(0, 1)
+    else:
+        union = _latent_regions(regions, latent_hw, context.device)
     return CallState(rows=torch.tensor(rows, dtype=torch.long, device=context.device),
-                     personal_context=torch.stack(contexts),
-                     regions=_latent_regions(regions, latent_hw, context.device),
+                     personal_context=torch.stack(contexts), regions=union,
                      latent_index=latent_index, settings=settings, latent_hw=latent_hw, latent_batch=chunk,
-                     observers=observers, token_grid=comfy_token_grid(latent_hw))
+                     observers=observers, token_grid=comfy_token_grid(latent_hw),
+                     subject_contexts=subject_contexts, subject_regions=subject_regions)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.errors import MoAInputError
 from ..engine.fusion import FusionMLP, fuse_prompt
+from ..engine.morph import interpolate_features
 from ..engine.subject_images import prepare_subject_batch
 from .batch import SubjectBinding
 from .prompt import encode_prompt
@@ -25,6 +27,9 @@ class SubjectInput:
     masks: torch.Tensor                     # [B, H, W], 1 = subject
     class_word: str
     region: torch.Tensor | None = None      # [H, W] where in the output it may appear, or None
+    # morphing: this subject's identity interpolated towards `morph_to`'s, one image per factor
+    morph_to: "SubjectInput | None" = None
+    factors: tuple[float, ...] = ()
 
 
 # per image-encoder object (weakly held, so a freed encoder takes its entries along)
@@ -63,22 +68,83 @@ def fused_context(fusion: FusionMLP, plain: torch.Tensor, positions: list[list[i
     return fuse_prompt(fusion, plain.float(), [(p, f.to(plain.device)) for p, f in zip(positions, features)])
 
 
-def union_region(subjects: list[SubjectInput]) -> torch.Tensor | None:
-    """Where any subject may appear; None (anywhere) when one subject has no region."""
-    if any(s.region is None for s in subjects):
-        return None
+def _regions_same_size(subjects: list[SubjectInput]) -> torch.Tensor:
+    """[S, H, W] the subjects' regions at the first one's size."""
     size = subjects[0].region.shape[-2:]
-    out = torch.zeros(size)
+    out = []
     for s in subjects:
         r = s.region.float().cpu()
         if r.shape[-2:] != size:
             r = torch.nn.functional.interpolate(r[None, None], size=size, mode="bilinear")[0, 0]
-        out = torch.maximum(out, r.clamp(0, 1))
-    return out
+        out.append(r.clamp(0, 1))
+    return torch.stack(out)
+
+
+def subject_regions(subjects: list[SubjectInput]) -> torch.Tensor | None:
+    """[S, H, W] one region per subject, or None when no subject has one. Refuses a mix of
+    subjects with and without regions, and regions that overlap (a pixel would not know which
+    subject's tokens to attend to)."""
+    have = [s.region is not None for s in subjects]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = [subject_label(s) for s in subjects if s.region is None]
+        raise MoAInputError(f"some subjects have a region and {', '.join(missing)} has none: give every subject "
+                            f"its own region (each subject then stays inside its own), or none")
+    regions = _regions_same_size(subjects)
+    solid = regions > 0.5
+    for i in range(len(subjects)):
+        if not solid[i].any():
+            raise MoAInputError(f"{subject_label(subjects[i])}: the region mask is empty, so the subject could appear "
+                                f"nowhere. Paint where it may appear, or leave 'region' unconnected")
+        for j in range(i):
+            both = int((solid[i] & solid[j]).sum())
+            if both:
+                raise MoAInputError(f"the regions of {subject_label(subjects[j])} and {subject_label(subjects[i])} "
+                                    f"overlap ({both} pixels): each pixel may belong to one subject only. Make the "
+                                    f"region masks disjoint")
+    return regions
+
+
+def union_region(subjects: list[SubjectInput]) -> torch.Tensor | None:
+    """Where any subject may appear; None (anywhere) when one subject has no region."""
+    if any(s.region is None for s in subjects):
+        return None
+    return _regions_same_size(subjects).amax(dim=0)
 
 
 def subject_label(subject: SubjectInput) -> str:
     return f"MoA Subject '{subject.class_word}'"
+
+
+def subject_features(clip_vision, subject: SubjectInput) -> torch.Tensor:
+    """[I], or [K, I] for a morph: one interpolated identity per factor."""
+    feature = subject_feature(clip_vision, subject.images, subject.masks, subject_label(subject))
+    if subject.morph_to is None:
+        return feature
+    other = subject_feature(clip_vision, subject.morph_to.images, subject.morph_to.masks, subject_label(subject.morph_to))
+    return interpolate_features(feature, other, subject.factors)
+
+
+def sequence_length(features: list[torch.Tensor]) -> int:
+    """K of a morph sequence (1 without one); all morphs in one prompt must render as many factors."""
+    lengths = {f.shape[0] for f in features if f.ndim == 2}
+    if len(lengths) > 1:
+        raise MoAInputError(f"morphed subjects render different numbers of factors {sorted(lengths)}; give every "
+                            f"MoA Subject Morph in one prompt the same factors")
+    return lengths.pop() if lengths else 1
+
+
+def _fuse_all(fusion: FusionMLP, plain: torch.Tensor, positions: list[list[int]], features: list[torch.Tensor],
+              k: int, only: int | None = None) -> torch.Tensor:
+    """[L, D] (k == 1) or [k, L, D]: the prompt fused with every subject, or with subject `only`."""
+    out = []
+    for i in range(k):
+        picked = [(p, f if f.ndim == 1 else f[i]) for j, (p, f) in enumerate(zip(positions, features))
+                  if only is None or j == only]
+        with torch.no_grad():
+            out.append(fused_context(fusion, plain, [p for p, _ in picked], [f for _, f in picked]))
+    return out[0] if k == 1 else torch.stack(out)
 
 
 def build_bindings(clip, clip_vision, fusion: FusionMLP, text: str,
@@ -86,13 +152,19 @@ def build_bindings(clip, clip_vision, fusion: FusionMLP, text: str,
     """Encode `text` like CLIPTextEncode does and fuse the subjects into it.
 
     Returns (the CONDITIONING the sampler must get, one binding per conditioning entry)."""
+    regions = subject_regions(subjects)
     prompt = encode_prompt(clip, text, [s.class_word for s in subjects])
-    features = [subject_feature(clip_vision, s.images, s.masks, subject_label(s)) for s in subjects]
-    region = union_region(subjects)
+    features = [subject_features(clip_vision, s) for s in subjects]
+    k = sequence_length(features)
     bindings = []
     for cond_tensor, _extra in prompt.conditioning:
         plain = cond_tensor[0].detach()
-        with torch.no_grad():
-            fused = fused_context(fusion, plain.cpu(), prompt.positions, features).to(plain.dtype)
-        bindings.append(SubjectBinding(plain=plain.cpu(), fused=fused, region=region))
+        cpu = plain.cpu()
+        fused = _fuse_all(fusion, cpu, prompt.positions, features, k).to(plain.dtype)
+        per_subject = None
+        if regions is not None:
+            per_subject = torch.stack([_fuse_all(fusion, cpu, prompt.positions, features, k, only=j)
+                                       for j in range(len(subjects))], dim=-3).to(plain.dtype)
+        bindings.append(SubjectBinding(plain=cpu, fused=fused, region=None if regions is None else regions.sum(0).clamp(0, 1),
+                                       subject_fused=per_subject, subject_regions=regions))
     return prompt.conditioning, bindings

@@ -71,6 +71,10 @@ class CallState:
     latent_batch: int = 1
     observers: tuple[Observer, ...] = ()
     token_grid: TokenGrid | None = None
+    # per-subject regions: pixels of subject s's region attend, in the personalized cross-attention,
+    # to subject_contexts[:, s] (the prompt with only subject s's tokens fused); None = one context
+    subject_contexts: torch.Tensor | None = None   # [R, S, L, D]
+    subject_regions: torch.Tensor | None = None    # [R, S, H, W], disjoint
     _region_cache: dict = field(default_factory=dict, repr=False)
 
     def grid(self, n_tokens: int, transformer_options: dict) -> tuple[int, int]:
@@ -82,16 +86,30 @@ class CallState:
         for observer in self.observers:
             observer(event)
 
-    def region_at(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor | None:
-        """[R, h*w, 1] region masks at one layer's resolution (area-averaged when shrinking,
-        so a pixel entirely outside every region stays exactly 0)."""
-        if self.regions is None:
-            return None
-        key = (h, w, like.device)
+    def _masks_at(self, name: str, masks: torch.Tensor, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """[R, C, h*w] masks at one layer's resolution (area-averaged when shrinking, so a pixel
+        entirely outside a mask stays exactly 0)."""
+        key = (name, h, w, like.device)
         if key not in self._region_cache:
-            r = self.regions.to(device=like.device, dtype=torch.float32)
+            r = masks.to(device=like.device, dtype=torch.float32)
             if r.shape[-2:] != (h, w):
                 mode = "area" if r.shape[-2] >= h and r.shape[-1] >= w else "nearest-exact"
                 r = F.interpolate(r, size=(h, w), mode=mode)
-            self._region_cache[key] = r.flatten(2).transpose(1, 2).contiguous()
+            self._region_cache[key] = r.flatten(2).contiguous()
         return self._region_cache[key]
+
+    def region_at(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor | None:
+        """[R, h*w, 1] where the personalized rows may be personalized at one layer's resolution."""
+        if self.regions is None:
+            return None
+        return self._masks_at("union", self.regions, h, w, like).transpose(1, 2)
+
+    def subject_weights_at(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor | None:
+        """[R, S, h*w, 1] how much each pixel belongs to each subject's region (summing to 1
+        inside the regions, 0 outside all of them); None without per-subject regions."""
+        if self.subject_regions is None:
+            return None
+        m = self._masks_at("subjects", self.subject_regions, h, w, like)
+        total = m.sum(dim=1, keepdim=True)
+        weights = torch.where(total > 0, m / total.clamp_min(1e-12), torch.zeros_like(m))
+        return weights[..., None]

@@ -84,18 +84,41 @@ class MoAAttention(nn.Module):
                 share = hard_route(share)
         return share, hw
 
-    def personal_kv(self, x, k, v, state: CallState, context=None, value=None):
+    def personal_kv(self, x, k, v, state: CallState, context=None, value=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Personalized keys/values of the personalized rows: attn1 attends to what the prior
         attended to (x, or what another pack's attn1 patch made of it), attn2 to the
-        multimodal prompt."""
+        multimodal prompt: one (key, value) pair, or one per subject when subjects have their
+        own regions (each subject's prompt fuses only that subject's tokens)."""
         rows, expert = state.rows, self.moa.expert
         if self.kind == "attn1":
             kctx = x[rows] if context is None else context[rows]
             vctx = kctx if value is None else value[rows]
-            return (expert.project("to_k", kctx, self.to_k, k[rows]),
-                    expert.project("to_v", vctx, self.to_v, v[rows]))
-        pctx = state.personal_context.to(x.dtype)
-        return expert.project("to_k", pctx, self.to_k), expert.project("to_v", pctx, self.to_v)
+            return [(expert.project("to_k", kctx, self.to_k, k[rows]),
+                     expert.project("to_v", vctx, self.to_v, v[rows]))]
+        contexts = ([state.personal_context] if state.subject_contexts is None
+                    else list(state.subject_contexts.unbind(1)))
+        return [(expert.project("to_k", c.to(x.dtype), self.to_k), expert.project("to_v", c.to(x.dtype), self.to_v))
+                for c in contexts]
+
+    def subject_weights(self, state: CallState, hw: tuple[int, int], like: torch.Tensor):
+        """[R, S, N, 1] per-subject pixel weights when the personalized attention has one
+        context per subject, else None."""
+        if self.kind != "attn2" or state.subject_contexts is None:
+            return None
+        return state.subject_weights_at(*hw, like=like)
+
+    def personal_attention(self, qp, kvs: list, weights: torch.Tensor | None, transformer_options: dict):
+        """The personalized expert's attention output (before to_out). With per-subject contexts,
+        each pixel takes the attention over its own subject's prompt: a pixel of subject A's
+        region never sees subject B's fused tokens (its weight for B is exactly 0)."""
+        if weights is None:
+            kp, vp = kvs[0]
+            return self._attend(qp, kp, vp, None, transformer_options)
+        out = None
+        for s, (kp, vp) in enumerate(kvs):
+            a = self._attend(qp, kp, vp, None, transformer_options) * weights[:, s].to(qp.dtype)
+            out = a if out is None else out + a
+        return out
 
     def hard_mix(self, x, q, k, v, state: CallState, transformer_options: dict, context=None, value=None):
         """Top-1 routing: each pixel is computed by one expert only. The prior's attention is
@@ -121,7 +144,8 @@ class MoAAttention(nn.Module):
         if not any(s.numel() for s in selected):
             return out
         with record_function("moa.expert"):
-            kp, vp = self.personal_kv(x, k, v, state, context, value)
+            kvs = self.personal_kv(x, k, v, state, context, value)
+            weights = self.subject_weights(state, hw, x)
         expert = self.moa.expert
         to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
         for i, r in enumerate(rows.tolist()):
@@ -130,7 +154,8 @@ class MoAAttention(nn.Module):
                 continue
             with record_function("moa.expert"):
                 qp = expert.project("to_q", x[r:r + 1, sel], self.to_q, q[r:r + 1, sel])
-                a = self._attend(qp, kp[i:i + 1], vp[i:i + 1], None, transformer_options)
+                a = self.personal_attention(qp, [(kp[i:i + 1], vp[i:i + 1]) for kp, vp in kvs],
+                                            None if weights is None else weights[i:i + 1, :, sel], transformer_options)
                 personal = expert.project("to_out", a, to_out)[0]
             with record_function("moa.mix"):
                 out[r, sel] = personal.to(out.dtype)
@@ -144,16 +169,17 @@ class MoAAttention(nn.Module):
         prior_r = prior_out[rows]
         share, hw = self.routed_share(x, state, transformer_options)
         with record_function("moa.expert"):
-            kp, vp = self.personal_kv(x, k, v, state, context, value)
+            kvs = self.personal_kv(x, k, v, state, context, value)
             expert = self.moa.expert
             to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
             qp = expert.project("to_q", x[rows], self.to_q, q[rows])
-            personal = expert.project("to_out", self._attend(qp, kp, vp, None, transformer_options), to_out)
+            attn = self.personal_attention(qp, kvs, self.subject_weights(state, hw, x), transformer_options)
+            personal = expert.project("to_out", attn, to_out)
         with record_function("moa.mix"):
             mixed = prior_r + share.to(prior_r.dtype) * (personal - prior_r)
             out = prior_out.index_copy(0, rows, mixed)
         if state.observers:
-            state.notify(LayerEvent(self.path, self.kind, share, hw, state, qp, kp, self.heads))
+            state.notify(LayerEvent(self.path, self.kind, share, hw, state, qp, kvs[0][0], self.heads))
         return out
 
 

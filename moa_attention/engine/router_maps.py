@@ -21,6 +21,8 @@ class RouterRecorder:
         self.batch_size = 0
         self.latent_hw: tuple[int, int] | None = None
         self.steps = 0
+        self.subject_weights: torch.Tensor | None = None   # [B, S, H, W] with per-subject regions
+        self._last_state: int | None = None
 
     def reset(self) -> None:
         self.sums.clear()
@@ -28,10 +30,41 @@ class RouterRecorder:
         self.batch_size = 0
         self.latent_hw = None
         self.steps = 0
+        self.subject_weights = None
+        self._last_state = None
 
     def __call__(self, event: LayerEvent) -> None:
         st = event.state
         self.record(event.path, event.share, event.hw, st.latent_index, st.latent_hw, st.latent_batch)
+        if st.subject_regions is not None and self._last_state != id(st):
+            self._last_state = id(st)
+            self.record_subjects(st)
+
+    @torch.no_grad()
+    def record_subjects(self, st) -> None:
+        """Which latent pixels belong to which subject's region (the same at every step)."""
+        h, w = st.latent_hw
+        weights = st.subject_weights_at(h, w, like=st.subject_regions)[..., 0].float().cpu()   # [R, S, h*w]
+        weights = weights.reshape(*weights.shape[:2], h, w)
+        size = (self.batch_size, weights.shape[1], h, w)
+        if self.subject_weights is None or self.subject_weights.shape != size:
+            old, self.subject_weights = self.subject_weights, torch.zeros(size)
+            if old is not None and old.shape[1:] == size[1:]:
+                self.subject_weights[: old.shape[0]] = old
+        for i, li in enumerate(st.latent_index):
+            self.subject_weights[li] = weights[i]
+
+    def subject_average(self, subject: int, layers: list[str] | None = None) -> torch.Tensor:
+        """[B, H, W] the share that went to subject `subject` (0-based): the average share times
+        that subject's region weight, so it is exactly 0 outside the subject's region."""
+        if self.subject_weights is None:
+            raise MoAInputError("the subjects had no regions, so there is no map per subject: choose subject 0 "
+                                "(all subjects), or give every subject a region")
+        count = self.subject_weights.shape[1]
+        if not 0 <= subject < count:
+            raise MoAInputError(f"subject {subject + 1} does not exist: the prompt has {count} subject(s)")
+        avg = self.average(layers)
+        return avg * self.subject_weights[: avg.shape[0], subject]
 
     @torch.no_grad()
     def record(self, path: str, share: torch.Tensor, hw: tuple[int, int], latent_index: list[int],

@@ -1,0 +1,60 @@
+"""DDIM inversion as a ComfyUI SAMPLER, so it plugs into the stock custom-sampling nodes.
+
+ComfyUI's custom sampling composes a MODEL + conditioning (a guider), a SAMPLER (how to step)
+and SIGMAS (the schedule). The inversion is a KSAMPLER whose function walks the sigmas upwards
+(engine.inversion): SamplerCustom with add_noise off, this sampler and the sigmas that the
+regeneration will use turns a photo's latent into the noise that KSamplerAdvanced (add_noise
+disabled, same steps and scheduler, sampler euler or ddim) or SamplerCustom (euler, same sigmas)
+turns back into the photo. KSAMPLER adds zero noise (noise_scaling of an empty noise is the
+latent itself for SD1.5's eps models) and process_latent_in/out are applied by the guider.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..engine.errors import MoAInputError
+from ..engine.inversion import ddim_invert
+from .patch import get_controller
+
+
+def inversion_sampler(refine: int = 0):
+    import comfy.samplers
+
+    def invert(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = {} if extra_args is None else extra_args
+
+        def denoise(at, sigma):
+            return model(at, sigma, **extra_args)
+
+        def progress(i, at, sigma):
+            if callback is not None:
+                callback({"x": at, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": at})
+
+        return ddim_invert(denoise, x, sigmas, refine=refine, callback=progress)
+
+    return comfy.samplers.KSAMPLER(invert)
+
+
+def check_prior_model(model) -> None:
+    """Inversion must run the prior: MoA on the model would invert towards the subject."""
+    if get_controller(model) is not None:
+        raise MoAInputError("model carries a MoA patch; invert with the prior: connect the checkpoint's MODEL "
+                            "(not MoA Apply's)")
+
+
+def invert_latent(model, positive, negative, latent: dict, steps: int, scheduler: str, cfg: float,
+                  refine: int = 0) -> dict:
+    """The LATENT of the inverted noise for `steps` steps of `scheduler` (what KSamplerAdvanced with
+    add_noise disabled continues from)."""
+    import comfy.sample
+    import comfy.samplers
+
+    check_prior_model(model)
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+    noise = torch.zeros_like(samples)
+    inverted = comfy.sample.sample_custom(model, noise, cfg, inversion_sampler(refine), sigmas, positive, negative,
+                                          samples, disable_pbar=True, seed=0)
+    out = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
+    out["samples"] = inverted
+    return out
