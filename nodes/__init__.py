@@ -2,6 +2,7 @@
 from .adapter_loader import MoAAdapterLoader
 from .apply import MoAApply
 from .common import register_model_folder
+from .evaluate import MoAEvaluate
 from .face_align import MoAFaceAlign
 from .inversion import MoADDIMInversionSampler, MoAInvertPhoto
 from .morph import MoASubjectMorph
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "MoAApply": MoAApply,
     "MoARouterMaps": MoARouterMaps,
     "MoAFaceAlign": MoAFaceAlign,
+    "MoAEvaluate": MoAEvaluate,
     "MoASubjectMorph": MoASubjectMorph,
     "MoAInvertPhoto": MoAInvertPhoto,
     "MoADDIMInversionSampler": MoADDIMInversionSampler,
@@ -25,6 +27,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MoAApply": "MoA Apply",
     "MoARouterMaps": "MoA Router Maps",
     "MoAFaceAlign": "MoA Face Align",
+    "MoAEvaluate": "MoA Evaluate",
     "MoASubjectMorph": "MoA Subject Morph",
     "MoAInvertPhoto": "MoA Invert Photo",
     "MoADDIMInversionSampler": "MoA DDIM Inversion Sampler",
