@@ -16,8 +16,8 @@ pytest.importorskip("onnx")
 # insightface's own estimate_norm calls a scikit-image API deprecated in 0.26 (the pack silences it too)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-from support.face_models import (ASTRONAUT_KPS, DECOY_BBOX, build_detector, build_recognizer,  # noqa: E402
-                                 make_face_model_folder)
+from support.face_models import ASTRONAUT_KPS, DECOY_BBOX, build_detector, build_recognizer  # noqa: E402
+from support.face_fixtures import face_root, no_downloads  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,25 +26,6 @@ def _engine():
     # the engine as the top-level package conftest puts on sys.path (same code as comfyui_moa.moa_attention)
     from moa_attention.faces import align as face_align
     return face_align
-
-
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    """insightface downloads with no timeout; a test that reaches it must fail, not hang."""
-    import insightface.utils.storage  # noqa: F401  (insightface.utils.download is shadowed by a function)
-
-    def refuse(*a, **k):
-        raise AssertionError(f"insightface tried to download: {a} {k}")
-
-    monkeypatch.setattr(sys.modules["insightface.utils.download"], "download_file", refuse)
-    monkeypatch.setattr(sys.modules["insightface.utils.storage"], "download_file", refuse)
-
-
-@pytest.fixture(scope="module")
-def face_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("insightface")
-    make_face_model_folder(root, "fakeface")
-    return root
 
 
 @pytest.fixture(scope="module")

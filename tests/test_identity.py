@@ -11,21 +11,10 @@ pytest.importorskip("onnx")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 from support.face_models import (ASTRONAUT_BBOX, DECOY_BBOX, astronaut_with, build_detector,  # noqa: E402
-                                 forbid_downloads, make_face_model_folder)
+                                 make_face_model_folder)
+from support.face_fixtures import face_root, no_downloads  # noqa: E402,F401  (fixtures)
 
 KNOWN_FACE_BOX = (177, 66, 272, 178)        # the astronaut's face, read off the photo
-
-
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    forbid_downloads(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def face_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("insightface")
-    make_face_model_folder(root, "fakeface")
-    return root
 
 
 @pytest.fixture(scope="module")
