@@ -156,3 +156,34 @@ def test_node_registration_and_tooltips(pack):
     types = MoAEvaluate.INPUT_TYPES()
     assert all(opts.get("tooltip") for group in types.values() for _, opts in group.values())
     assert MoAEvaluate.CATEGORY == "MoA" and len(MoAEvaluate.OUTPUT_TOOLTIPS) == len(MoAEvaluate.RETURN_TYPES)
+
+
+@pytest.mark.slow
+def test_evaluate_in_a_real_server_graph(server, server_inputs):
+    """MoA with a region vs the same seed without MoA, scored by MoA Evaluate in the graph that made them."""
+    from conftest import execution_error
+    from support.graphs import ADAPTER, moa_graph
+    prompt = "a photo of a man at the beach"
+    g = moa_graph(ADAPTER, [{"image": "person.png", "mask": "person_mask.png", "word": "man",
+                             "region": "left_region.png"}], prompt)
+    g["b_pos"] = {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["ckpt", 1]}}
+    g["b_sampler"] = {"class_type": "KSampler", "inputs": {**g["sampler"]["inputs"], "model": ["ckpt", 0],
+                                                           "positive": ["b_pos", 0]}}
+    g["b_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["b_sampler", 0], "vae": ["ckpt", 2]}}
+    g["evaluate"] = {"class_type": "MoAEvaluate", "inputs": {
+        "images": ["decode", 0], "baseline": ["b_decode", 0], "subject_mask": ["subject0_region", 0],
+        "router_mask": ["maps", 0], "reference": ["subject0_img", 0], "reference_mask": ["subject0_mask", 0],
+        "clip_vision": ["clipvision", 0], "prompt": prompt, "text_encoder": "none", "face_model": "none",
+        "provider": "CPU", "tile": 64}}
+    g["save_grid"] = {"class_type": "SaveImage", "inputs": {"images": ["evaluate", 1], "filename_prefix": "moa_eval"}}
+    entry = server.run(g)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    (report,) = entry["outputs"]["evaluate"]["text"]
+    print("\n" + report)
+    n = _numbers(report, "picture 1")
+    assert float(n["router bg"]) < 0.1 < 0.4 < float(n["router subj"])      # the region keeps the router off the context
+    assert -1 <= float(n["id CLIP"]) <= 1 and n["PSNR out"] != "n/a" and "prompt score" in report
+    assert entry["outputs"]["save_grid"]["images"]
+    info = server.request("/object_info/MoAEvaluate")["MoAEvaluate"]
+    assert info["display_name"] == "MoA Evaluate" and info["output_node"] is True
+    assert "none" in info["input"]["optional"]["text_encoder"][0]
