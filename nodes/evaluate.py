@@ -68,7 +68,7 @@ class MoAEvaluate:
     RETURN_TYPES = ("STRING", "IMAGE")
     RETURN_NAMES = ("report", "grid")
     OUTPUT_TOOLTIPS = ("The numbers as a text table, one line per picture, the mean, what each column means and "
-                       "any per-picture problem (e.g. no face found).",
+                       "any per-picture problem (e.g. no face found). Connect it to Preview as Text to read it.",
                        "One row per picture: reference, baseline, picture, difference to the baseline (white = "
                        "changed, subject outline in green), router map (red = subject expert).")
     FUNCTION = "evaluate"
