@@ -155,3 +155,23 @@ def test_cli_clip_numbers_and_a_text_encoder_without_projection(comfy, models_ba
     assert good["identity_arcface"] is None                            # no --face-model
     assert rows["no face"]["identity_clip"] is not None                # CLIP identity needs no face
     assert rows["missing file"]["prompt_clip"] is None
+
+
+def test_the_prompt_score_uses_the_files_text_projection(comfy, tmp_path):
+    """The text embedding is CLIP's projected EOS embedding, with the projection read from the file."""
+    from safetensors import safe_open
+    from moa_attention.comfyui import clip_scores
+    path = _text_encoder_file(tmp_path / "clip_l_full.safetensors", projection=True)
+    clip = clip_scores.load_text_encoder(path)
+    assert clip_scores.load_text_encoder(path) is clip                              # cached
+    with safe_open(str(path), framework="pt") as f:
+        w = f.get_tensor("text_projection.weight").float()
+    tokens = clip.tokenize("a photo of a man at the beach")
+    _, unprojected = clip.encode_from_tokens(tokens, return_pooled="unprojected")
+    expected = torch.nn.functional.normalize(unprojected.float()[0] @ w.T, dim=0)
+    got = clip_scores.text_embedding(clip, "a photo of a man at the beach")
+    assert torch.allclose(got, expected, atol=1e-3), float((got - expected).abs().max())
+    # ComfyUI's SD1.5 text encoder returns the pooled output unprojected even for return_pooled=True:
+    _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    assert torch.allclose(pooled, unprojected)
+    assert not torch.allclose(got, torch.nn.functional.normalize(pooled.float()[0], dim=0), atol=1e-2)

@@ -115,15 +115,23 @@ def image_embeddings(clip_vision, images: torch.Tensor) -> torch.Tensor:
     return F.normalize(embeds, dim=-1)
 
 
+def _projection(clip) -> torch.nn.Module:
+    return clip.cond_stage_model.clip_l.transformer.text_projection
+
+
 @torch.no_grad()
 def text_embedding(clip, prompt: str) -> torch.Tensor:
-    """[D] unit projected CLIP text embedding (the EOS token of the first 77-token chunk, through
-    text_projection: what CLIP compares with images)."""
+    """[D] unit projected CLIP text embedding: the final-layer EOS embedding of the first 77-token
+    chunk through `text_projection`, what CLIP compares with images. ComfyUI's SD1.5 text encoder
+    (SD1CheckpointClipModel, return_projected_pooled=False) returns the pooled output UNprojected
+    even for return_pooled=True, so the projection is applied here."""
     tokens = clip.tokenize(prompt)
-    _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    _, pooled = clip.encode_from_tokens(tokens, return_pooled="unprojected")
     if pooled is None:
         raise ModelMismatchError(f"the text encoder returned no pooled output. Use {WORKING_FILES}")
-    return F.normalize(pooled.float().cpu().reshape(-1, pooled.shape[-1])[0], dim=-1)
+    weight = _projection(clip).weight.detach().float().cpu()
+    projected = pooled.float().cpu().reshape(-1, pooled.shape[-1])[0] @ weight.T
+    return F.normalize(projected, dim=-1)
 
 
 def prompt_fidelity(clip, clip_vision, images: torch.Tensor, prompts: list[str]) -> list[float]:
