@@ -6,7 +6,9 @@
 - engine/   pure torch: the MoA attention layer, router, experts, fusion MLP, per-call state
             and its observers, the adapter module and file format. Never imports ComfyUI;
 - training/ the offline trainer (`python -m moa_attention.train`); nothing else imports it;
-- faces/    optional insightface face alignment for human subjects.
+- faces/    optional insightface face alignment and ArcFace identity for human subjects;
+- evaluation/ the evaluation command line (`python -m moa_attention.evaluate FOLDER`); nothing
+            imports it (MoA Evaluate and the trainer use engine/scoring.py and engine/metrics.py).
 
 The node classes live in the pack's nodes/ folder, not here.
 """
