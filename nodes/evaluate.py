@@ -40,11 +40,7 @@ def _evaluator(reference, clip_vision, prompt, text_encoder, face_model, provide
     ev = Evaluator()
     if face_model != NONE and reference is not None:
         from ..moa_attention.faces import identity
-        root = face_model_root(face_model)
-        align.find_face_models(root, face_model)     # folder errors before anything is imported
-        align.import_insightface()
-        analysis = identity.load_face_recognizer(root, face_model, providers=align.resolve_providers(provider))
-        ev.face_embedding = identity.face_embedder(analysis)
+        ev.face_embedding = identity.face_embedder_for(face_model_root(face_model), face_model, provider)
     if clip_vision is not None and reference is not None:
         ev.subject_embedding = clip_scores.subject_embedder(clip_vision)
     if prompt.strip() and text_encoder != NONE:

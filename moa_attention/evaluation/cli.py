@@ -41,16 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 def build_evaluator(args) -> Evaluator:
     ev = Evaluator()
     if args.face_model:
-        from ..faces import align, identity
+        from ..faces import identity
         root = args.insightface
         if root is None:
             from ..comfyui.locate import find_comfyui
             root = find_comfyui(args.comfyui) / "models" / "insightface"
-        align.find_face_models(root, args.face_model)
-        align.import_insightface()
-        analysis = identity.load_face_recognizer(root, args.face_model,
-                                                 providers=align.resolve_providers(args.provider))
-        ev.face_embedding = identity.face_embedder(analysis)
+        ev.face_embedding = identity.face_embedder_for(root, args.face_model, args.provider)
     if args.text_encoder and not args.clip_vision:
         raise SystemExit("--text-encoder needs --clip-vision too (the CLIP ViT-L/14 vision model it pairs with)")
     if args.clip_vision:

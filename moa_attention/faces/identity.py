@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..engine.errors import FaceAlignError, FaceModelError
-from .align import KNOWN_MODELS, find_face_models, load_face_analysis, to_bgr_uint8
+from .align import (KNOWN_MODELS, find_face_models, import_insightface, load_face_analysis, resolve_providers,
+                    to_bgr_uint8)
 
 MODULES = ("detection", "recognition")
 MIN_BOX_OVERLAP = 0.3          # a face must overlap a given face box this much (IoU) to be taken
@@ -117,3 +118,11 @@ def face_embedder(analysis):
     def embed(image, box, label):
         return torch.from_numpy(face_identity(image, analysis, box, label).embedding).float()
     return embed
+
+
+def face_embedder_for(root, name: str, provider: str = "CPU"):
+    """face_embedder of `<root>/models/<name>`: folder errors first, then the install hint, then the
+    models (MoA Face Align's order), on the onnxruntime provider chosen ('CPU', 'CUDA', ...)."""
+    find_face_models(root, name)
+    import_insightface()
+    return face_embedder(load_face_recognizer(root, name, providers=resolve_providers(provider)))
