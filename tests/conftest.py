@@ -117,6 +117,20 @@ def server_inputs(models_base, comfy):
     return base
 
 
+@pytest.fixture(scope="session")
+def app_inputs(server_inputs, comfy):
+    """For the applications (swap, morph, regions, LoRA, ControlNet): a photo, region masks and a pose in
+    input/, a style LoRA in models/loras and a ControlNet in models/controlnet, all for the tiny checkpoint."""
+    from support import app_graphs
+    from support.model_factory import tiny_unet_config, unet_state_dict
+    base = server_inputs
+    app_graphs.write_app_inputs(base / "input")
+    app_graphs.write_lora(base / "models" / "loras" / app_graphs.LORA, unet_state_dict(tiny_unet_config()))
+    app_graphs.write_controlnet(base / "models" / "controlnet" / app_graphs.CONTROLNET, tiny_unet_config())
+    app_graphs.write_smooth_unet(base / "models" / "unet" / app_graphs.SMOOTH_UNET, tiny_unet_config())
+    return base
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
