@@ -70,7 +70,10 @@ def folder(tmp_path_factory):
     text = "\n".join(json.dumps(x) for x in lines[:3]) + '\n{"image": "moa/0001.png", "label": \n' + \
         "\n".join(json.dumps(x) for x in lines[3:]) + "\n"
     (d / "manifest.jsonl").write_text(text)
-    (d / "clip.jsonl").write_text("\n".join(json.dumps(lines[i]) for i in (0, 2, 4)) + "\n")   # fewer ViT-L passes
+    clip_lines = [lines[i] for i in (0, 2, 4)] + [   # fewer ViT-L passes; whole pictures vs the whole reference:
+        {"image": "refs/astronaut.png", "label": "identical", "references": ["refs/astronaut.png"]},
+        {"image": "moa/grey.png", "label": "grey, whole picture", "references": ["refs/astronaut.png"]}]
+    (d / "clip.jsonl").write_text("\n".join(json.dumps(x) for x in clip_lines) + "\n")
     root = tmp_path_factory.mktemp("insightface")
     make_face_model_folder(root, "fakeface")
     return d, root
@@ -155,6 +158,8 @@ def test_cli_clip_numbers_and_a_text_encoder_without_projection(comfy, models_ba
     assert good["identity_arcface"] is None                            # no --face-model
     assert rows["no face"]["identity_clip"] is not None                # CLIP identity needs no face
     assert rows["missing file"]["prompt_clip"] is None
+    assert rows["identical"]["identity_clip"] == pytest.approx(1.0, abs=1e-4)
+    assert rows["grey, whole picture"]["identity_clip"] < rows["identical"]["identity_clip"] - 0.05
 
 
 def test_the_prompt_score_uses_the_files_text_projection(comfy, tmp_path):
