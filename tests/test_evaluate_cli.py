@@ -180,3 +180,11 @@ def test_the_prompt_score_uses_the_files_text_projection(comfy, tmp_path):
     _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     assert torch.allclose(pooled, unprojected)
     assert not torch.allclose(got, torch.nn.functional.normalize(pooled.float()[0], dim=0), atol=1e-2)
+
+
+def test_cli_argument_errors_exit_2(folder, tmp_path, capsys):
+    from moa_attention.evaluation.cli import main
+    d, _ = folder
+    assert main([str(d), "--text-encoder", str(tmp_path / "x.safetensors")]) == 2
+    assert "--text-encoder needs --clip-vision" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere")]) == 2

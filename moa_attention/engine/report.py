@@ -69,7 +69,8 @@ def text_table(rows: list[dict], label_key: str = "label") -> str:
     """A fixed-width table of the metrics that any row has, one line per row, then the mean."""
     keys = [m for m in METRICS if any(is_number(r.get(m[0])) for r in rows)]
     if not keys:
-        return "no numbers (connect a baseline, references, a CLIP vision model or router maps)"
+        return ("no numbers: they need a baseline and a subject mask, references with a face model or a CLIP vision "
+                "model, a prompt with a text encoder, or router maps")
     labels = [str(r.get(label_key, i + 1)) for i, r in enumerate(rows)]
     lw = max(5, *(len(s) for s in labels))
     head = "image".ljust(lw) + "".join(f"  {t:>12}" for _, t, _, _ in keys)

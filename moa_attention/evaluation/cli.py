@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..engine.errors import MoAError
+from ..engine.errors import MoAError, MoAInputError, ModelMismatchError
 from ..engine.scoring import Evaluator
 from .manifest import MANIFEST
 from .run import evaluate_folder, summary_text, write_csv, write_json
@@ -48,7 +48,7 @@ def build_evaluator(args) -> Evaluator:
             root = find_comfyui(args.comfyui) / "models" / "insightface"
         ev.face_embedding = identity.face_embedder_for(root, args.face_model, args.provider)
     if args.text_encoder and not args.clip_vision:
-        raise SystemExit("--text-encoder needs --clip-vision too (the CLIP ViT-L/14 vision model it pairs with)")
+        raise MoAInputError("--text-encoder needs --clip-vision too (the CLIP ViT-L/14 vision model it pairs with)")
     if args.clip_vision:
         from ..comfyui.locate import put_comfyui_on_path
         put_comfyui_on_path(args.comfyui)
@@ -57,10 +57,10 @@ def build_evaluator(args) -> Evaluator:
             clip_scores.check_text_projection(args.text_encoder)    # refuse before loading anything
         import comfy.clip_vision
         if not args.clip_vision.is_file():
-            raise SystemExit(f"--clip-vision: file not found: {args.clip_vision}")
+            raise ModelMismatchError(f"--clip-vision: file not found: {args.clip_vision}")
         clip_vision = comfy.clip_vision.load(str(args.clip_vision))
         if clip_vision is None:
-            raise SystemExit(f"--clip-vision {args.clip_vision} is not a CLIP vision model ComfyUI recognises")
+            raise ModelMismatchError(f"--clip-vision {args.clip_vision} is not a CLIP vision model ComfyUI recognises")
         ev.subject_embedding = clip_scores.subject_embedder(clip_vision)
         if args.text_encoder:
             ev.prompt_score = clip_scores.prompt_scorer(clip_scores.load_text_encoder(args.text_encoder), clip_vision)
@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = evaluate_folder(args.folder, evaluator, args.manifest)
     except (MoAError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:                 # find_comfyui's "cannot find ComfyUI"
+        if isinstance(e.code, int):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
         return 2
     out = args.out or args.folder / "evaluation"
     out.parent.mkdir(parents=True, exist_ok=True)
