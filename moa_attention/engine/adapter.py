@@ -10,7 +10,7 @@ from torch import nn
 from .errors import ModelMismatchError
 from .experts import PersonalExpert
 from .fusion import FusionMLP
-from .router import Router
+from .router import FRESH_PRIOR_MARGIN, Router
 from .unet_layers import LayerSpec, find_attention_layers, get_submodule
 
 BASE_SD15 = "sd15"
@@ -64,9 +64,11 @@ class MoAAdapter(nn.Module):
 
 
 def init_adapter_from_unet(diffusion_model: nn.Module, expert: str = "lowrank", rank: int = 64,
-                           seed: int = 0, **config: object) -> MoAAdapter:
-    """A fresh adapter for this UNet: personal == prior, routers favour the prior, fusion is
-    the identity on the text. The trainer starts here; tests use it as the exactness anchor."""
+                           seed: int = 0, router_margin: float = FRESH_PRIOR_MARGIN, **config: object) -> MoAAdapter:
+    """A fresh adapter for this UNet: personal == prior, routers favour the prior by
+    `router_margin` logits, fusion is the identity on the text. The trainer starts here; tests
+    use it as the exactness anchor (personal == prior makes the output the base model's at any
+    margin)."""
     specs = find_attention_layers(diffusion_model)
     if not specs:
         raise ModelMismatchError("this model has no attention layers with to_q/to_k/to_v/to_out: not an SD1.5 UNet")
@@ -75,7 +77,7 @@ def init_adapter_from_unet(diffusion_model: nn.Module, expert: str = "lowrank", 
     for spec in specs:
         prior = get_submodule(diffusion_model, spec.path)
         weights = adapter.layer(spec.path)
-        weights.router.reset_fresh(gen)
+        weights.router.reset_fresh(gen, router_margin)
         weights.expert.reset_fresh({"to_q": prior.to_q, "to_k": prior.to_k, "to_v": prior.to_v,
                                     "to_out": prior.to_out[0]}, gen)
     adapter.fusion.reset_fresh(gen)

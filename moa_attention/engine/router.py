@@ -22,13 +22,13 @@ class Router(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, 2)
 
-    def reset_fresh(self, generator: torch.Generator | None = None) -> None:
-        """Small random first layer, zero second layer, bias towards the prior."""
+    def reset_fresh(self, generator: torch.Generator | None = None, margin: float = FRESH_PRIOR_MARGIN) -> None:
+        """Small random first layer, zero second layer, bias `margin` towards the prior."""
         with torch.no_grad():
             self.fc1.weight.normal_(0.0, self.fc1.in_features ** -0.5, generator=generator)
             self.fc1.bias.zero_()
             self.fc2.weight.zero_()
-            self.fc2.bias.copy_(torch.tensor([FRESH_PRIOR_MARGIN, 0.0]))
+            self.fc2.bias.copy_(torch.tensor([float(margin), 0.0]))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 for the softmax: fp16 logits of a 4-unit margin lose the small shares

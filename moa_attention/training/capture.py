@@ -42,3 +42,22 @@ class LossCapture:
         if event.kind == "attn2" and event.query is not None and self.subject_tokens:
             maps = subject_attention_maps(event.query, event.key, event.heads, self.subject_tokens)
         self.layers.append(Captured(event.path, event.kind, event.share, maps))
+
+
+def share_map(captured: list[Captured], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """[B, h, w] the personalized share averaged over every captured layer, each layer's grid
+    brought to the latent's size (bilinear), detached: the map the metrics judge."""
+    from torch.nn import functional as F
+
+    from ..engine.call_state import halving_grid
+    total = None
+    with torch.no_grad():
+        for c in captured:
+            hw = halving_grid(c.share.shape[1], latent_hw)
+            grid = c.share.detach().float().reshape(c.share.shape[0], 1, *hw)
+            if hw != tuple(latent_hw):
+                grid = F.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False)
+            total = grid[:, 0] if total is None else total + grid[:, 0]
+    if total is None:
+        raise ValueError("no MoA layer ran: nothing to average")
+    return total / len(captured)

@@ -34,10 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute transformer blocks in "
                                                                           "backward (less memory, ~30%% slower)")
-    p.add_argument("--router-loss-weight", type=float, default=d.router_loss_weight)
-    p.add_argument("--object-loss-weight", type=float, default=d.object_loss_weight)
+    p.add_argument("--router-loss-weight", type=float, default=d.router_loss_weight,
+                   help="the paper's router loss: personalized share on background pixels, averaged over layers")
+    p.add_argument("--router-loss-power", type=float, default=d.router_loss_power,
+                   help="share**power in the router loss (2 = the paper's squared form)")
+    p.add_argument("--subject-route-weight", type=float, default=d.subject_route_weight,
+                   help="-log(share) on subject pixels: rewards routing the subject to the expert (README)")
+    p.add_argument("--object-loss-weight", type=float, default=d.object_loss_weight,
+                   help="FastComposer's balanced-L1 object loss on the subject tokens' cross-attention")
     p.add_argument("--subject-loss-weight", type=float, default=d.subject_loss_weight,
-                   help="denoising-loss weight of subject pixels")
+                   help="denoising-loss weight of subject pixels (background pixels weigh 1)")
+    p.add_argument("--background-effect-weight", type=float, default=d.background_effect_weight,
+                   help="squared change of eps against the base model outside the subjects (one extra "
+                        "UNet forward per step)")
+    p.add_argument("--router-margin", type=float, default=d.router_margin,
+                   help="a fresh router's logit margin towards the prior (4: share 0.018)")
+    p.add_argument("--eval-examples", type=int, default=d.eval_examples,
+                   help="examples measured before and after training (summary.json)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="write a sample image every N steps")

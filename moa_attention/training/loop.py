@@ -14,13 +14,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..comfyui.adapters import LoadedAdapter
 from ..comfyui.models import check_sd15_model
-from ..engine.adapter import init_adapter_from_unet
+from ..engine.adapter import MoAAdapter, init_adapter_from_unet
 from ..engine.adapter_file import load_adapter, save_adapter
 from ..engine.attention_fn import sdpa_attention
 from ..engine.errors import MoAError
@@ -28,11 +29,12 @@ from ..engine.layer import install_layers
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
 from .dataset import read_manifest
-from .encode import encoded_examples
+from .encode import Example, encoded_examples
 from .sampling import write_sample
-from .step import MoATrainStep, draw, enable_checkpointing, evaluate
+from .step import AUROC_MAX_T, MoATrainStep, draw, enable_checkpointing, evaluate
 
-LOG_FIELDS = ["step", "loss", "denoise", "router", "object", "bg_share", "fg_share", "lr", "seconds"]
+LOG_FIELDS = ["step", "loss", "denoise", "router", "subject_route", "object", "effect", "bg_share", "fg_share",
+              "share_auroc", "lr", "seconds"]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -47,7 +49,8 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _prepare_output(cfg: TrainConfig, rank: int) -> None:
+def prepare_output(cfg: TrainConfig, rank: int) -> None:
+    """Refuse a non-empty output folder unless --resume (continue) or --force (start over)."""
     out = cfg.output_dir
     if rank == 0 and out.exists() and any(out.iterdir()) and not cfg.resume:
         if not cfg.force:
@@ -89,15 +92,14 @@ def _load_comfy(cfg: TrainConfig, device: torch.device):
 # ----------------------------------------------------------------------------- the loop
 
 def run(cfg: TrainConfig) -> int:
-    from tqdm import tqdm
-
+    """The command line's run: load the checkpoint with ComfyUI, encode the dataset (cached),
+    then train_adapter() on it."""
     rank, world, local_rank = _dist_info()
     device = _device(cfg, local_rank)
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(cfg.seed)
-    _prepare_output(cfg, rank)
+    prepare_output(cfg, rank)
     records, problems = read_manifest(cfg.data)
     if problems:
         listing = "\n".join(f"  {p}" for p in problems[:50])
@@ -106,11 +108,45 @@ def run(cfg: TrainConfig) -> int:
 
     model, clip, vae, clip_vision = _load_comfy(cfg, device)
     examples = encoded_examples(cfg, records, model, clip, vae, clip_vision, show=rank == 0)
-    diffusion_model = model.model.diffusion_model.to(device)
+    sigmas = model.model.model_sampling.sigmas.float()
+    loaded: dict[int, LoadedAdapter] = {}
+
+    def sampler(adapter: MoAAdapter, step: int) -> None:
+        entry = loaded.setdefault(id(adapter), LoadedAdapter(adapter, "training"))     # one ModelPatcher
+        write_sample(cfg, model, vae, entry, examples[0], step, device)
+    return train_adapter(cfg, model.model.diffusion_model, 1.0 / (1.0 + sigmas ** 2), examples, device,
+                         sampler=sampler)
+
+
+Sampler = Callable[[MoAAdapter, int], None]
+
+
+def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: torch.Tensor,
+                  examples: list[Example], device: torch.device | str, sampler: Sampler | None = None,
+                  eval_examples: list[Example] | None = None) -> int:
+    """Train (or --resume) a MoA adapter on pre-encoded examples: the loop `run` drives, callable
+    directly (the toy-world experiment does) with any SD1.5-architecture diffusion model and its
+    alphas_cumprod. Writes everything run() writes into cfg.output_dir (rank 0). `sampler(adapter,
+    step)` writes a sample every cfg.sample_every steps and at the end when cfg.sample_every is
+    set; it must leave the UNet and the adapter on `device` (ComfyUI's sampler moves them).
+    Returns 0, or 130 when interrupted (a checkpoint is kept)."""
+    from tqdm import tqdm
+
+    rank, world, _ = _dist_info()
+    device = torch.device(device)
+    own_group = False
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        own_group = True
+    torch.manual_seed(cfg.seed)
+    if rank == 0:
+        (cfg.output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (cfg.output_dir / "samples").mkdir(parents=True, exist_ok=True)
+    diffusion_model = diffusion_model.to(device)
     diffusion_model.requires_grad_(False)        # ComfyUI leaves requires_grad on: the prior must stay frozen
     diffusion_model.eval()
-    sigmas = model.model.model_sampling.sigmas.float()
-    alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
 
     checkpoints = checkpoint_dirs(cfg.output_dir) if cfg.resume else []
     if cfg.resume and not checkpoints and rank == 0:
@@ -119,11 +155,11 @@ def run(cfg: TrainConfig) -> int:
         adapter = load_adapter(checkpoints[-1] / "adapter.safetensors")
         adapter.requires_grad_(True)
     else:
-        adapter = init_adapter_from_unet(diffusion_model, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed)
+        adapter = init_adapter_from_unet(diffusion_model, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed,
+                                         router_margin=cfg.router_margin)
     adapter.config.training = {k: str(v) for k, v in asdict(cfg).items() if k != "extra"}
     adapter.to(device).train()
-    install_layers(diffusion_model, adapter, sdpa_attention)
-    sample_adapter = LoadedAdapter(adapter, "training")        # one ModelPatcher for every sample
+    uninstall = install_layers(diffusion_model, adapter, sdpa_attention)
     if cfg.gradient_checkpointing:
         enable_checkpointing(diffusion_model)
 
@@ -152,7 +188,8 @@ def run(cfg: TrainConfig) -> int:
             writer.writeheader()
     shape = tuple(examples[0].latent.shape)
     plain_step = step_module.module if hasattr(step_module, "module") else step_module
-    eval_before = evaluate(plain_step, examples, cfg, device) if rank == 0 else {}
+    eval_set = eval_examples or examples
+    eval_before = evaluate(plain_step, eval_set, cfg, device) if rank == 0 else {}
     bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=rank != 0)
     step = start
     t0 = time.time()
@@ -161,13 +198,16 @@ def run(cfg: TrainConfig) -> int:
             optimizer.zero_grad(set_to_none=True)
             totals: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                idx, noise, timesteps = draw(step * cfg.grad_accum + micro, rank, cfg, len(examples), shape, device)
+                idx, noise, timesteps = draw(step * cfg.grad_accum + micro, rank, cfg, len(examples), shape, device,
+                                             world)
                 with autocast():
                     losses = step_module([examples[i] for i in idx], noise, timesteps)
                 loss = losses["loss"] / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 for k, v in losses.items():
                     totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            if world > 1:
+                totals = _mean_over_ranks(totals, device)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -175,40 +215,63 @@ def run(cfg: TrainConfig) -> int:
                 optimizer.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{totals['loss']:.4f}", router=f"{totals['router']:.3f}",
-                            bg=f"{totals['bg_share']:.3f}")
+            bar.set_postfix(loss=f"{totals['loss']:.4f}", bg=f"{totals['bg_share']:.3f}",
+                            fg=f"{totals['fg_share']:.3f}", auroc=f"{totals['share_auroc']:.2f}")
             if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                writer.writerow({"step": step, **{k: f"{totals[k]:.6g}" for k in
-                                                  ("loss", "denoise", "router", "object", "bg_share", "fg_share")},
+                writer.writerow({"step": step, **{k: f"{totals[k]:.6g}" for k in LOG_FIELDS if k in totals},
                                  "lr": cfg.lr, "seconds": f"{time.time() - t0:.2f}"})
                 log_file.flush()
             if rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
-            if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
-                write_sample(cfg, model, vae, sample_adapter, examples[0], step, device)
+            if rank == 0 and sampler and cfg.sample_every and step % cfg.sample_every == 0:
+                sampler(adapter, step)
             if not math.isfinite(totals["loss"]):
                 raise SystemExit(f"loss became {totals['loss']} at step {step}: lower --lr or use --mixed-precision no")
     except KeyboardInterrupt:
         if rank == 0:
             d = save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
             print(f"\ninterrupted at step {step}: checkpoint kept in {d}; continue with --resume")
+        uninstall()
         return 130
     finally:
         bar.close()
         if log_file:
             log_file.close()
-    if rank == 0:
-        if not cfg.checkpoint_every or step % cfg.checkpoint_every:
-            save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
-        final = save_adapter(adapter, cfg.output_dir / "adapter.safetensors", overwrite=True)
-        summary = {"steps": step, "eval_before": eval_before,
-                   "eval_after": evaluate(plain_step, examples, cfg, device)}
-        (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"wrote {final} after {step} steps; eval loss {eval_before.get('loss', float('nan')):.4f} -> "
-              f"{summary['eval_after']['loss']:.4f}, background share of the personalized expert "
-              f"{eval_before.get('bg_share', float('nan')):.3f} -> {summary['eval_after']['bg_share']:.3f}")
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+    try:
+        if rank == 0:
+            _finish(cfg, adapter, optimizer, names, step, plain_step, eval_set, eval_before, device, world)
+        if own_group:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        uninstall()          # the caller's diffusion model is left as it came
     return 0
+
+
+def _mean_over_ranks(totals: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The logged numbers averaged over the processes: with every loss a mean over examples, the
+    mean over ranks of equal batches is the global batch's value."""
+    import torch.distributed as dist
+    keys = sorted(totals)
+    t = torch.tensor([totals[k] for k in keys], dtype=torch.float64,
+                     device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def _finish(cfg: TrainConfig, adapter, optimizer, names, step: int, plain_step, eval_set, eval_before, device,
+            world: int) -> None:
+    """Rank 0 after the last step: final checkpoint, adapter file, summary.json."""
+    if not cfg.checkpoint_every or step % cfg.checkpoint_every:
+        save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
+    final = save_adapter(adapter, cfg.output_dir / "adapter.safetensors", overwrite=True)
+    summary = {"steps": step, "world_size": world, "global_batch": cfg.batch_size * world * cfg.grad_accum,
+               "eval_before": eval_before,
+               "eval_after": evaluate(plain_step, eval_set, cfg, device)}
+    (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    after = summary["eval_after"]
+    print(f"wrote {final} after {step} steps; eval loss {eval_before.get('loss', float('nan')):.4f} -> "
+          f"{after['loss']:.4f}; personalized share inside/outside the subjects {after['fg_share']:.3f}/"
+          f"{after['bg_share']:.3f}, share AUROC vs mask {after['share_auroc']:.3f} (t <= {AUROC_MAX_T}), "
+          f"change of eps inside/outside {after['change_in']:.4f}/{after['change_out']:.4f}")
