@@ -81,6 +81,11 @@ class MoAEvaluate:
             "subject_mask": ("MASK", {"tooltip": "Where the subject is in the pictures (1 = subject), at their size: "
                                                  "splits the change into inside and outside, and crops the subject "
                                                  "for the CLIP identity. E.g. the region mask you gave MoA Subject."}),
+            "samples": ("LATENT", {"tooltip": "The sampler's output latent for the pictures (optional): with "
+                                              "baseline_samples, the change on latents inside and outside the "
+                                              "subject mask, free of the VAE's decoding."}),
+            "baseline_samples": ("LATENT", {"tooltip": "The baseline's sampler output (same seed without the "
+                                                       "subject, or strength 0)."}),
             "router_mask": ("MASK", {"tooltip": "The mask output of MoA Router Maps (the router's personalized "
                                                 "share): gives its share on the subject and on the background."}),
             "reference": ("IMAGE", {"tooltip": "Photo(s) of the subject (what you gave MoA Subject). Needed for "
@@ -108,7 +113,8 @@ class MoAEvaluate:
                              "tooltip": "Side of each tile in the comparison grid, in pixels."}),
         }}
 
-    def evaluate(self, images, baseline=None, subject_mask=None, router_mask=None, reference=None,
+    def evaluate(self, images, baseline=None, subject_mask=None, samples=None, baseline_samples=None,
+                 router_mask=None, reference=None,
                  reference_mask=None, clip_vision=None, prompt="", text_encoder=NONE, face_model=NONE,
                  provider="CPU", tile=160):
         if images.ndim != 4 or images.shape[-1] < 3:
@@ -125,7 +131,9 @@ class MoAEvaluate:
                           mask=_cpu(_per_picture(subject_mask, i, "subject_mask", b)),
                           router_map=_cpu(_per_picture(router_mask, i, "router_mask", b)),
                           prompt=prompt.strip() or None, references=_cpu(reference), reference_masks=_cpu(reference_mask),
-                          reference_key="reference")
+                          reference_key="reference",
+                          latent=_cpu(_per_picture(_latent(samples), i, "samples", b)),
+                          baseline_latent=_cpu(_per_picture(_latent(baseline_samples), i, "baseline_samples", b)))
             scores = ev.score(pic)
             rows.append({"label": pic.label, **scores})
             diff = (difference_image(pic.baseline, pic.image, pic.mask)
@@ -135,6 +143,10 @@ class MoAEvaluate:
         text = _report(rows, images, baseline, subject_mask, reference, ev)
         grid = comparison_grid(tiles, tile=tile)
         return {"ui": {"text": [text]}, "result": (text, grid)}
+
+
+def _latent(samples):
+    return None if samples is None else samples["samples"]
 
 
 def _cpu(t):

@@ -54,6 +54,11 @@ def folder(tmp_path_factory):
     _save(router, d / "maps" / "0001.png")
     _save(astronaut_with(data.chelsea()), d / "moa" / "0002.png")
     Image.fromarray((ast * 255).astype(np.uint8)).resize((256, 256)).save(d / "base" / "small.png")
+    from safetensors.torch import save_file
+    lat = torch.zeros(1, 4, 64, 64)
+    save_file({"latent_tensor": lat, "latent_format_version_0": torch.tensor([])}, str(d / "base" / "0001.latent"))
+    lat[..., 10:40, 20:40] = 1.0                                    # inside the subject mask (at 1/8 scale)
+    save_file({"latent_tensor": lat, "latent_format_version_0": torch.tensor([])}, str(d / "moa" / "0001.latent"))
     grey = np.full((512, 512, 3), 0.5, np.float32)
     _save(grey, d / "moa" / "grey.png")
     _save(grey, d / "base" / "grey.png")
@@ -61,11 +66,12 @@ def folder(tmp_path_factory):
               "prompt": "an astronaut"}
     lines = [
         {"image": "moa/0001.png", "label": "good", "baseline": "base/0001.png", "router_map": "maps/0001.png",
-         "face_box": FACE_BOX, **common},
+         "latent": "moa/0001.latent", "baseline_latent": "base/0001.latent", "face_box": FACE_BOX, **common},
         {"image": "moa/0002.png", "label": "cat face", "baseline": "base/0001.png", **common},
         {"image": "moa/missing.png", "label": "missing file", **common},
         {"image": "moa/0001.png", "label": "size mismatch", "baseline": "base/small.png", **common},
-        {"image": "moa/grey.png", "label": "no face", "baseline": "base/grey.png", **common},
+        {"image": "moa/grey.png", "label": "no face", "baseline": "base/grey.png", "latent": "moa/0001.latent",
+         **common},
     ]
     text = "\n".join(json.dumps(x) for x in lines[:3]) + '\n{"image": "moa/0001.png", "label": \n' + \
         "\n".join(json.dumps(x) for x in lines[3:]) + "\n"
@@ -100,6 +106,7 @@ def test_cli_writes_the_table_and_per_row_errors(folder):
     assert float(good["change_outside"]) == 0.0 and good["psnr_outside"] == "inf" and float(good["ssim_outside"]) == pytest.approx(1.0)
     assert float(good["change_inside"]) > 0.01 and float(good["psnr_inside"]) < 40
     assert float(good["router_background_share"]) < 0.2 < 0.7 < float(good["router_subject_share"])
+    assert float(good["latent_change_outside"]) == 0.0 and float(good["latent_change_inside"]) > 0.1
     assert float(by["cat face"]["identity_arcface"]) < float(good["identity_arcface"]) - 0.2
     assert by["missing file"]["status"] == "error" and "image file not found" in by["missing file"]["errors"]
     broken = next(r for r in rows if r["line"] == "4")
@@ -110,6 +117,7 @@ def test_cli_writes_the_table_and_per_row_errors(folder):
     noface = by["no face"]
     assert noface["status"] == "partial" and "no face found" in noface["errors"] and noface["identity_arcface"] == ""
     assert noface["psnr_outside"] == "inf" and float(noface["change_inside"]) == 0.0
+    assert "latent context: give both latent and baseline_latent" in noface["errors"]
     doc = _strict_json(d / "evaluation.json")
     assert [r["status"] for r in doc["rows"]] == ["ok", "ok", "error", "error", "partial", "partial"]
     assert doc["rows"][0]["psnr_outside"] == "inf" and doc["rows"][0]["prompt_clip"] is None

@@ -21,6 +21,8 @@ METRICS: tuple[tuple[str, str, int, str], ...] = (
     ("psnr_outside", "PSNR out", 2, "PSNR in dB outside it (inf = context unchanged)"),
     ("ssim_inside", "SSIM in", 3, "SSIM inside the subject mask"),
     ("ssim_outside", "SSIM out", 3, "SSIM outside it (1 = context unchanged)"),
+    ("latent_change_inside", "lat chg in", 4, "mean |latent - baseline latent| inside the subject mask"),
+    ("latent_change_outside", "lat chg out", 4, "the same outside it (0 = context kept)"),
     ("router_subject_share", "router subj", 3, "router's personalized share inside the subject mask"),
     ("router_background_share", "router bg", 3, "router's personalized share outside it (0 = prior keeps the context)"),
     ("router_auroc", "router AUROC", 3, "how well the router's share separates subject from context (1 = perfectly)"),

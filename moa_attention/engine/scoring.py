@@ -35,6 +35,8 @@ class Picture:
     reference_masks: torch.Tensor | None = None      # [N, H, W]
     reference_face_box: list[float] | None = None
     reference_key: object = None                     # equal keys share one reference embedding
+    latent: torch.Tensor | None = None               # [C, h, w]: the sampler's output for the picture
+    baseline_latent: torch.Tensor | None = None      # [C, h, w]: the baseline's
 
 
 @dataclass
@@ -108,6 +110,18 @@ class Evaluator:
                     raise ValueError("needs the subject mask (where the subject is) to split inside from outside")
                 out.update(context_preservation(base[None], image[None], mask.float()).as_dict())
             attempt("context", context)
+
+        if p.latent is not None and p.baseline_latent is not None:
+            def latent_context():
+                lat, base = p.latent.float(), p.baseline_latent.float()
+                if lat.shape != base.shape:
+                    raise ValueError(f"the baseline latent has shape {list(base.shape)}, the picture's "
+                                     f"{list(lat.shape)}: compare latents of one size")
+                if mask is None:
+                    raise ValueError("needs the subject mask (resized to the latent) to split inside from outside")
+                c = context_preservation(base[None], lat[None], mask.float(), peak=None)
+                out["latent_change_inside"], out["latent_change_outside"] = c.change_inside, c.change_outside
+            attempt("latent context", latent_context)
 
         if p.router_map is not None:
             def router():

@@ -9,6 +9,8 @@ paths relative to the folder, every key but "image" optional:
 - baseline: the same seed and settings without the subject (or MoA strength 0), same size;
 - mask: where the subject is in the picture (white = subject), same size as the picture;
 - router_map: MoA Router Maps' mask saved as an image (white = personalized expert), any size;
+- latent / baseline_latent: the two sampler outputs as ComfyUI's Save Latent writes them (.latent),
+  for the change on latents (one latent per file);
 - references (or "reference"): photos of the subject; reference_masks: the subject in them;
 - face_box / reference_face_box: [x0, y0, x1, y1] pixels of the face to score when there are several.
 Blank lines and lines starting with # are skipped.
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MANIFEST = "manifest.jsonl"
-PATH_KEYS = ("image", "baseline", "mask", "router_map")
+PATH_KEYS = ("image", "baseline", "mask", "router_map", "latent", "baseline_latent")
 KNOWN_KEYS = {*PATH_KEYS, "label", "prompt", "references", "reference", "reference_masks", "face_box",
               "reference_face_box"}
 
@@ -34,6 +36,8 @@ class Entry:
     baseline: Path | None = None
     mask: Path | None = None
     router_map: Path | None = None
+    latent: Path | None = None
+    baseline_latent: Path | None = None
     references: list[Path] = field(default_factory=list)
     reference_masks: list[Path] = field(default_factory=list)
     face_box: list[float] | None = None
@@ -75,7 +79,7 @@ def parse_line(obj, line: int, folder: Path) -> Entry:
         raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_KEYS))}")
     if "reference" in obj and "references" in obj:
         raise ValueError('give "reference" or "references", not both')
-    for key in ("baseline", "mask", "router_map"):
+    for key in PATH_KEYS[1:]:
         if key in obj and not (isinstance(obj[key], str) and obj[key]):
             raise ValueError(f'"{key}" must be a path, got {json.dumps(obj[key])}')
     prompt = obj.get("prompt")
@@ -89,6 +93,8 @@ def parse_line(obj, line: int, folder: Path) -> Entry:
                  baseline=folder / obj["baseline"] if obj.get("baseline") else None,
                  mask=folder / obj["mask"] if obj.get("mask") else None,
                  router_map=folder / obj["router_map"] if obj.get("router_map") else None,
+                 latent=folder / obj["latent"] if obj.get("latent") else None,
+                 baseline_latent=folder / obj["baseline_latent"] if obj.get("baseline_latent") else None,
                  references=refs, reference_masks=ref_masks,
                  face_box=_box(obj.get("face_box"), "face_box"),
                  reference_face_box=_box(obj.get("reference_face_box"), "reference_face_box"))

@@ -40,6 +40,32 @@ def load_mask(path: Path, what: str) -> torch.Tensor:
         raise ValueError(f"{what} {path} is not a readable image ({e})") from e
 
 
+def load_latent(path: Path, what: str) -> torch.Tensor:
+    """[C, h, w] from a .latent file (ComfyUI's Save Latent: key latent_tensor) or a .safetensors
+    file holding one tensor."""
+    from safetensors.torch import load_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:   # noqa: BLE001 - any unreadable file is the same refusal
+        raise ValueError(f"{what} {path} is not a safetensors latent ({type(e).__name__}: {e})") from e
+    t = tensors.get("latent_tensor")
+    if t is None:
+        big = [v for v in tensors.values() if v.ndim >= 3]
+        if len(big) != 1:
+            raise ValueError(f"{what} {path}: expected ComfyUI's latent_tensor (Save Latent) or one tensor, "
+                             f"found {sorted(tensors)}")
+        t = big[0]
+    if t.ndim == 4:
+        if t.shape[0] != 1:
+            raise ValueError(f"{what} {path} holds {t.shape[0]} latents: save one per picture")
+        t = t[0]
+    if t.ndim != 3:
+        raise ValueError(f"{what} {path}: expected a latent [C, h, w], got shape {list(t.shape)}")
+    return t.float()
+
+
 def _picture(entry: Entry, errors: list[str]) -> Picture:
     """The entry's files as tensors. The picture itself must load; an optional file that does not
     is reported in `errors`, and only the metrics that need it go without numbers."""
@@ -59,6 +85,11 @@ def _picture(entry: Entry, errors: list[str]) -> Picture:
         pic.mask = optional("mask", lambda: load_mask(entry.mask, "mask"))
     if entry.router_map is not None:
         pic.router_map = optional("router", lambda: load_mask(entry.router_map, "router map"))
+    if entry.latent is not None and entry.baseline_latent is not None:
+        pic.latent = optional("latent context", lambda: load_latent(entry.latent, "latent"))
+        pic.baseline_latent = optional("latent context", lambda: load_latent(entry.baseline_latent, "baseline latent"))
+    elif entry.latent is not None or entry.baseline_latent is not None:
+        errors.append("latent context: give both latent and baseline_latent")
     if entry.references:
         def refs():
             images = [load_image(p, "reference") for p in entry.references]
