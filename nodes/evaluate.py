@@ -114,9 +114,8 @@ class MoAEvaluate:
         }}
 
     def evaluate(self, images, baseline=None, subject_mask=None, samples=None, baseline_samples=None,
-                 router_mask=None, reference=None,
-                 reference_mask=None, clip_vision=None, prompt="", text_encoder=NONE, face_model=NONE,
-                 provider="CPU", tile=160):
+                 router_mask=None, reference=None, reference_mask=None, clip_vision=None, prompt="",
+                 text_encoder=NONE, face_model=NONE, provider="CPU", tile=160):
         if images.ndim != 4 or images.shape[-1] < 3:
             raise refuse(NODE, f"images must be an IMAGE batch [B, H, W, 3], got shape {list(images.shape)}")
         b = images.shape[0]
@@ -130,8 +129,8 @@ class MoAEvaluate:
                           baseline=_cpu(_per_picture(baseline, i, "baseline", b)),
                           mask=_cpu(_per_picture(subject_mask, i, "subject_mask", b)),
                           router_map=_cpu(_per_picture(router_mask, i, "router_mask", b)),
-                          prompt=prompt.strip() or None, references=_cpu(reference), reference_masks=_cpu(reference_mask),
-                          reference_key="reference",
+                          prompt=prompt.strip() or None, references=_cpu(reference),
+                          reference_masks=_cpu(reference_mask), reference_key="reference",
                           latent=_cpu(_per_picture(_latent(samples), i, "samples", b)),
                           baseline_latent=_cpu(_per_picture(_latent(baseline_samples), i, "baseline_samples", b)))
             scores = ev.score(pic)
