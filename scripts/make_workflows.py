@@ -52,11 +52,15 @@ def models(nodes: dict, links: list, col: int = 0) -> None:
 
 
 def subject(nodes: dict, links: list, name: str, label: str, image: str, mask: str, word: str, col: int,
-            previous: str | None = None) -> None:
+            previous: str | None = None, region: str | None = None) -> None:
     nodes[f"{name}_img"] = dict(type="LoadImage", col=col, title=f"{label} photo", widgets={"image": image},
                                 size=[320, 340])
     nodes[f"{name}_mask"] = dict(type="LoadImageMask", col=col, title=f"{label} mask (white = subject)",
                                  widgets={"image": mask, "channel": "red"}, size=[320, 340])
+    if region:
+        nodes[f"{name}_region"] = dict(type="LoadImageMask", col=col, title=f"{label} region (white = may appear)",
+                                       widgets={"image": region, "channel": "red"}, size=[320, 340])
+        links.append((f"{name}_region", 0, name, "region"))
     nodes[name] = dict(type="MoASubject", col=col, title=f"MoA Subject ({word})", widgets={"class_word": word})
     links += [(f"{name}_img", 0, name, "image"), (f"{name}_mask", 0, name, "mask")]
     if previous:
@@ -75,7 +79,8 @@ def apply_and_sample(nodes: dict, links: list, prompt: str, subjects_from: str, 
         "seed": SEED, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0, "sampler_name": "euler",
         "scheduler": "normal", "denoise": 1.0})
     nodes["decode"] = dict(type="VAEDecode", col=col + 1)
-    nodes["maps"] = dict(type="MoARouterMaps", col=col + 1, widgets={"layers": "all layers", "opacity": 0.5})
+    nodes["maps"] = dict(type="MoARouterMaps", col=col + 1, widgets={"layers": "all layers", "opacity": 0.5,
+                                                                       "subject": 0})
     links += [("ckpt", 0, "apply", "model"), ("adapter", 0, "apply", "moa_adapter"), ("ckpt", 1, "apply", "clip"),
               ("clipvision", 0, "apply", "clip_vision"), (subjects_from, 0, "apply", "subjects"),
               ("ckpt", 1, "negative", "clip"),
@@ -169,8 +174,164 @@ def compare_strength():
     return nodes, links, groups
 
 
+def _note(nodes: dict, title: str, *texts: str, height: int = 560) -> None:
+    nodes["note"] = dict(type="Note", col=0, size=[400, height], title=title, widgets={"text": "\n\n".join(texts)})
+
+
+def subject_swap():
+    nodes, links = {}, []
+    photo_prompt = "a photo of a man standing in front of a rocket"
+    _note(nodes, "Read me: swap the subject of a photo",
+          "1. MoA Invert Photo turns the photo back into noise with DDIM inversion on the base model, guided by a "
+          "prompt that describes the photo. 2. KSampler (Advanced) regenerates from that noise (add_noise disable, the "
+          "same steps and scheduler, cfg 1) with MoA and the new subject: the prior keeps the photo's context, the "
+          "subject expert draws the new subject. Without MoA (or at strength 0) the photo comes back.",
+          "MoA Apply's prompt must be the photo's prompt (same words; the class word names the subject to swap). "
+          "The region (white = the old subject) keeps the new subject where the old one was; the rest stays the "
+          "photo's. More inversion steps (and refine) = closer to the photo. The photo's size must be a multiple of 8.",
+          MODELS_NOTE, MASK_NOTE)
+    models(nodes, links, col=0)
+    nodes["photo"] = dict(type="LoadImage", col=1, title="Photo to edit", widgets={"image": "photo.png"},
+                          size=[320, 340])
+    nodes["photo_prompt"] = dict(type="CLIPTextEncode", col=1, title="Prompt describing the photo", size=[320, 110],
+                                 widgets={"text": photo_prompt})
+    nodes["negative"] = dict(type="CLIPTextEncode", col=1, title="Negative prompt", size=[320, 110],
+                             widgets={"text": NEGATIVE})
+    nodes["invert"] = dict(type="MoAInvertPhoto", col=1, widgets={"steps": 50, "scheduler": "normal", "cfg": 1.0,
+                                                                  "refine": 0})
+    subject(nodes, links, "subject", "New subject", "subject.png", "subject_mask.png", "man", col=2,
+            region="photo_subject_region.png")
+    nodes["apply"] = dict(type="MoAApply", col=3, size=[400, 290], widgets={
+        "prompt": photo_prompt, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "routing": "soft"})
+    nodes["sampler"] = dict(type="KSamplerAdvanced", col=3, title="KSampler (Advanced): regenerate from the noise",
+                            widgets={"add_noise": "disable", "noise_seed": 0, "control_after_generate": "fixed",
+                                     "steps": 50, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+                                     "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"})
+    nodes["decode"] = dict(type="VAEDecode", col=4)
+    nodes["maps"] = dict(type="MoARouterMaps", col=4, widgets={"layers": "all layers", "opacity": 0.5, "subject": 0})
+    nodes["stitch"] = dict(type="ImageStitch", col=4, title="Side by side", widgets={
+        "direction": "right", "match_image_size": True, "spacing_width": 8, "spacing_color": "white"})
+    nodes["save"] = dict(type="SaveImage", col=5, title="Left: the photo, right: the subject swapped", size=[620, 400],
+                         widgets={"filename_prefix": "MoA/subject_swap"})
+    nodes["maps_preview"] = dict(type="PreviewImage", col=6,
+                                 title="Router map (red = subject expert, blue = base model)", size=[420, 470])
+    links += [("ckpt", 1, "photo_prompt", "clip"), ("ckpt", 1, "negative", "clip"),
+              ("ckpt", 0, "invert", "model"), ("ckpt", 2, "invert", "vae"), ("photo", 0, "invert", "image"),
+              ("photo_prompt", 0, "invert", "positive"), ("negative", 0, "invert", "negative"),
+              ("ckpt", 0, "apply", "model"), ("adapter", 0, "apply", "moa_adapter"), ("ckpt", 1, "apply", "clip"),
+              ("clipvision", 0, "apply", "clip_vision"), ("subject", 0, "apply", "subjects"),
+              ("apply", 0, "sampler", "model"), ("apply", 1, "sampler", "positive"), ("negative", 0, "sampler", "negative"),
+              ("invert", 0, "sampler", "latent_image"),
+              ("sampler", 0, "decode", "samples"), ("ckpt", 2, "decode", "vae"),
+              ("apply", 0, "maps", "model"), ("sampler", 0, "maps", "samples"), ("decode", 0, "maps", "image"),
+              ("photo", 0, "stitch", "image1"), ("decode", 0, "stitch", "image2"), ("stitch", 0, "save", "images"),
+              ("maps", 1, "maps_preview", "images")]
+    groups = [("Models", ["ckpt", "clipvision", "adapter"]),
+              ("1. Invert the photo (base model)", ["photo", "photo_prompt", "negative", "invert"]),
+              ("New subject", ["subject_img", "subject_mask", "subject_region", "subject"]),
+              ("2. Regenerate with MoA", ["apply", "sampler"]), ("Result", ["decode", "maps", "stitch"])]
+    return nodes, links, groups
+
+
+def morph():
+    nodes, links = {}, []
+    _note(nodes, "Read me: morph one subject into another",
+          "MoA Subject Morph interpolates the two subjects' image features (and so their fused prompt tokens). "
+          "mode 'sequence' renders 'frames' images from subject A (factor 0) to subject B (factor 1) in one run, all "
+          "with the same noise, so only the identity changes; the animated PNG plays them. mode 'single' renders one "
+          "factor. Factor 0 and 1 are exactly the pure subjects.",
+          "Both subjects use subject A's class word in the prompt.", MODELS_NOTE, MASK_NOTE)
+    models(nodes, links, col=0)
+    subject(nodes, links, "subject_a", "Subject A", "subject.png", "subject_mask.png", "man", col=1)
+    subject(nodes, links, "subject_b", "Subject B", "subject_b.png", "subject_b_mask.png", "man", col=2)
+    nodes["morph"] = dict(type="MoASubjectMorph", col=3, widgets={"mode": "sequence", "factor": 0.5, "frames": 8})
+    apply_and_sample(nodes, links, "a photo of a man reading in a cafe, soft light", "morph", col=3,
+                     prefix="MoA/morph")
+    links.remove(("latent", 0, "sampler", "latent_image"))
+    links += [("subject_a", 0, "morph", "subject_a"), ("subject_b", 0, "morph", "subject_b"),
+              ("latent", 0, "morph", "latent"), ("morph", 1, "sampler", "latent_image")]
+    nodes["animation"] = dict(type="SaveAnimatedPNG", col=6, title="Morph animation", size=[420, 470],
+                              widgets={"filename_prefix": "MoA/morph", "fps": 4.0, "compress_level": 4})
+    links.append(("decode", 0, "animation", "images"))
+    groups = [("Models", ["ckpt", "clipvision", "adapter"]),
+              ("Subject A (factor 0)", ["subject_a_img", "subject_a_mask", "subject_a"]),
+              ("Subject B (factor 1)", ["subject_b_img", "subject_b_mask", "subject_b"]),
+              ("Morph + MoA", ["morph", "apply", "negative", "latent"]), ("Sample", ["sampler", "decode", "maps"])]
+    return nodes, links, groups
+
+
+def regions():
+    nodes, links = {}, []
+    _note(nodes, "Read me: two subjects, each in its own region",
+          "Each MoA Subject gets a region mask (white = where it may appear). Pixels in the man's region attend only "
+          "to the man's fused tokens, pixels in the dog's region only to the dog's, and outside both regions the base "
+          "model draws alone: the two subjects do not blend. Regions must not overlap; give every subject a region "
+          "or none. MoA Router Maps' 'subject' picks one subject's map (0 = all).",
+          MODELS_NOTE, MASK_NOTE, USAGE_NOTE)
+    models(nodes, links, col=0)
+    subject(nodes, links, "man", "Man", "man.png", "man_mask.png", "man", col=1, region="left_region.png")
+    subject(nodes, links, "dog", "Dog", "dog.png", "dog_mask.png", "dog", col=2, previous="man",
+            region="right_region.png")
+    apply_and_sample(nodes, links, "a man and a dog side by side in a park", "dog", col=3, prefix="MoA/regions")
+    groups = [("Models", ["ckpt", "clipvision", "adapter"]),
+              ("Subject 1: man, left", ["man_img", "man_mask", "man_region", "man"]),
+              ("Subject 2: dog, right", ["dog_img", "dog_mask", "dog_region", "dog"]),
+              ("MoA", ["apply", "negative", "latent"]), ("Sample", ["sampler", "decode", "maps"])]
+    return nodes, links, groups
+
+
+def controlnet_pose():
+    nodes, links = {}, []
+    _note(nodes, "Read me: MoA + ControlNet (pose)",
+          "The stock Apply ControlNet node sits between MoA Apply's positive and the sampler: the pose shapes the "
+          "layout, MoA puts the subject in it. A T2I-Adapter loads through the same Load ControlNet Model node. "
+          "Put an SD1.5 openpose ControlNet in models/controlnet and a pose picture (e.g. from a pose preprocessor) "
+          "in the Pose node.", MODELS_NOTE, MASK_NOTE, USAGE_NOTE)
+    models(nodes, links, col=0)
+    nodes["cn_loader"] = dict(type="ControlNetLoader", col=0,
+                              widgets={"control_net_name": "control_v11p_sd15_openpose.safetensors"})
+    subject(nodes, links, "subject", "Subject", "subject.png", "subject_mask.png", "man", col=1)
+    nodes["pose"] = dict(type="LoadImage", col=1, title="Pose", widgets={"image": "pose.png"}, size=[320, 340])
+    apply_and_sample(nodes, links, "a photo of a man dancing on a stage", "subject", col=2, prefix="MoA/controlnet")
+    nodes["cn_apply"] = dict(type="ControlNetApplyAdvanced", col=2, widgets={
+        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0})
+    links.remove(("apply", 1, "sampler", "positive"))
+    links.remove(("negative", 0, "sampler", "negative"))
+    links += [("apply", 1, "cn_apply", "positive"), ("negative", 0, "cn_apply", "negative"),
+              ("cn_loader", 0, "cn_apply", "control_net"), ("pose", 0, "cn_apply", "image"),
+              ("ckpt", 2, "cn_apply", "vae"),
+              ("cn_apply", 0, "sampler", "positive"), ("cn_apply", 1, "sampler", "negative")]
+    groups = [("Models", ["ckpt", "clipvision", "adapter", "cn_loader"]),
+              ("Subject and pose", ["subject_img", "subject_mask", "subject", "pose"]),
+              ("MoA + ControlNet", ["apply", "negative", "latent", "cn_apply"]),
+              ("Sample", ["sampler", "decode", "maps"])]
+    return nodes, links, groups
+
+
+def style_lora():
+    nodes, links = {}, []
+    _note(nodes, "Read me: MoA + a style LoRA",
+          "The context stays with the base model's branch, so style LoRAs and style words in the prompt keep working "
+          "with the subject inserted. The LoRA can be loaded before MoA Apply (as here) or after it (MoA Apply -> "
+          "LoraLoaderModelOnly -> KSampler): both apply it to the base model's layers. Put a style LoRA for SD1.5 "
+          "in models/loras.", MODELS_NOTE, MASK_NOTE, USAGE_NOTE)
+    models(nodes, links, col=0)
+    nodes["lora"] = dict(type="LoraLoaderModelOnly", col=0, title="Style LoRA",
+                         widgets={"lora_name": "style_lora.safetensors", "strength_model": 0.8})
+    subject(nodes, links, "subject", "Subject", "subject.png", "subject_mask.png", "man", col=1)
+    apply_and_sample(nodes, links, "an oil painting of a man in a sunflower field, impressionist style, thick "
+                     "brush strokes", "subject", col=2, prefix="MoA/style_lora")
+    links.remove(("ckpt", 0, "apply", "model"))
+    links += [("ckpt", 0, "lora", "model"), ("lora", 0, "apply", "model")]
+    groups = [("Models", ["ckpt", "clipvision", "adapter", "lora"]), ("Subject", ["subject_img", "subject_mask", "subject"]),
+              ("MoA", ["apply", "negative", "latent"]), ("Sample", ["sampler", "decode", "maps"])]
+    return nodes, links, groups
+
+
 WORKFLOWS = {"moa_single_subject": single_subject, "moa_two_subjects": two_subjects,
-             "moa_compare_strength": compare_strength}
+             "moa_compare_strength": compare_strength, "moa_subject_swap": subject_swap, "moa_morph": morph,
+             "moa_two_subjects_regions": regions, "moa_controlnet_pose": controlnet_pose,
+             "moa_style_lora": style_lora}
 
 BUILD_JS = r"""
 const [spec, done] = [arguments[0], arguments[arguments.length - 1]];

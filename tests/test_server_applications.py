@@ -3,13 +3,14 @@
 both load orders and with ControlNet; bad inputs give clear errors and the server keeps serving."""
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import execution_error
+from conftest import ROOT, execution_error
 from support import app_graphs as ag
 from test_server import assert_success, images_of
 
@@ -62,8 +63,34 @@ def test_morph_sequence_renders_one_image_per_factor(server, app_inputs):
     assert np.abs(a.astype(int) - frames[0].astype(int)).max() <= 1
 
 
+def save_overlay_picture(server, entry: dict) -> None:
+    """docs/router_map_overlay.png for the README: the picture, the router map over it (all subjects), and each
+    subject's map, side by side (tiny random models: it shows what the node gives, not a trained adapter)."""
+    from PIL import Image, ImageDraw
+
+    from comfyui_moa.nodes.router_maps import heat_colors
+    picture = images_of(server, entry, "save")[0]
+
+    def over(i):                    # the node's colours (blue = base model, red = subject), mostly opaque
+        share = torch.from_numpy(images_of(server, entry, f"save_mask{i}")[0][..., 0] / 255.0).float()
+        return (0.2 * picture + 0.8 * heat_colors(share[None])[0].numpy() * 255).astype(np.uint8)
+    panels = [("picture", picture), ("router map, all subjects", over(0)), ("subject 1 (man, left region)", over(1)),
+              ("subject 2 (cat, right region)", over(2))]
+    side, gap, head = 192, 8, 22
+    sheet = Image.new("RGB", (len(panels) * (side + gap) - gap, side + head), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (title, pic) in enumerate(panels):
+        sheet.paste(Image.fromarray(pic).resize((side, side), Image.NEAREST), (i * (side + gap), head))
+        draw.text((i * (side + gap) + 4, 4), title, fill="black")
+    out = ROOT / "docs" / "router_map_overlay.png"
+    out.parent.mkdir(exist_ok=True)
+    sheet.save(out, optimize=True)
+
+
 def test_two_subjects_with_regions_stay_in_their_regions(server, app_inputs):
     entry = run_ok(server, ag.regions_graph())
+    if os.environ.get("MOA_SCREENSHOTS"):
+        save_overlay_picture(server, entry)
     for i, (lo, hi) in ((1, (0, ag.SIZE // 2 - 8)), (2, (ag.SIZE // 2 + 8, ag.SIZE))):
         (m,) = images_of(server, entry, f"save_mask{i}")
         share = m[..., 0].astype(float) / 255

@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import ROOT, execution_error
 from support.browser import browser_missing, console_errors, open_editor, start_chromium
+from support.app_graphs import CONTROLNET, LORA
 from support.graphs import ADAPTER, CHECKPOINT, CLIP_VISION
 
 PACK_DIR_NAME = "comfyui-moa"            # the pack's folder name in the server's custom_nodes (see models_base)
@@ -25,10 +26,17 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 # The example workflows name the real files a user has; the test swaps in the tiny ones written by
 # models_base / server_inputs (write_inputs). A new image name in a workflow must be added here.
-MODEL_NAMES = {"ckpt_name": CHECKPOINT, "clip_name": CLIP_VISION, "adapter_name": ADAPTER}
+MODEL_NAMES = {"ckpt_name": CHECKPOINT, "clip_name": CLIP_VISION, "adapter_name": ADAPTER, "lora_name": LORA,
+               "control_net_name": CONTROLNET}
 IMAGE_NAMES = {"subject.png": "person.png", "subject_mask.png": "person_mask.png",
                "man.png": "person.png", "man_mask.png": "person_mask.png",
-               "dog.png": "cat.png", "dog_mask.png": "cat_mask.png"}
+               "dog.png": "cat.png", "dog_mask.png": "cat_mask.png",
+               "subject_b.png": "cat.png", "subject_b_mask.png": "cat_mask.png",
+               "left_region.png": "region_a.png", "right_region.png": "region_b.png",
+               "photo.png": "photo.png", "photo_subject_region.png": "photo_subject_region.png", "pose.png": "pose.png"}
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+# MOA_SCREENSHOTS=1: each workflow's look in the editor, small, in docs/ (the README shows them)
+SCREENSHOT_DIR = ROOT / "docs" / "workflows"
 SIZE, STEPS = 64, 2
 
 
@@ -42,7 +50,8 @@ def _ids(paths):
 
 def test_there_are_example_workflows():
     names = {p.stem for p in WORKFLOWS}
-    assert {"moa_single_subject", "moa_two_subjects"} <= names, names
+    assert {"moa_single_subject", "moa_two_subjects", "moa_subject_swap", "moa_morph", "moa_two_subjects_regions",
+            "moa_controlnet_pose", "moa_style_lora"} <= names, names
 
 
 def _widget_inputs(info: dict) -> list[tuple[str, list]]:
@@ -119,7 +128,7 @@ def test_workflows_are_listed_as_templates(server):
 
 
 @pytest.fixture(scope="module")
-def editor(server, server_inputs):
+def editor(server, server_inputs, app_inputs):
     """One headless Chromium on the server's graph editor for all workflows of this module."""
     missing = browser_missing()
     if missing:
@@ -180,6 +189,22 @@ def _image(server, img: dict) -> np.ndarray:
     return np.asarray(Image.open(server.base / folder / img["subfolder"] / img["filename"]))
 
 
+def _frames(prompt: dict) -> int:
+    """Images per output: one, or one per factor of a morph sequence."""
+    morphs = [n["inputs"] for n in prompt.values() if n["class_type"] == "MoASubjectMorph"]
+    return morphs[0]["frames"] if morphs and morphs[0]["mode"] == "sequence" else 1
+
+
+def _save_screenshot(driver, name: str) -> None:
+    """The editor as the workflow opens, shrunk and palettised to stay small (< 150 KB)."""
+    import io
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    driver.execute_script("document.querySelectorAll('.p-toast-message').forEach(e => e.remove())")
+    shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    shot = shot.resize((shot.width * 2 // 3, shot.height * 2 // 3), Image.LANCZOS)
+    shot.quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(SCREENSHOT_DIR / f"{name}.png", optimize=True)
+
+
 def _expected_size(prompt: dict, node_id: str) -> tuple[int, int]:
     """(height, width) of what an image output node receives: SIZE, or two SIZE pictures stitched."""
     src = prompt[prompt[node_id]["inputs"]["images"][0]]
@@ -200,6 +225,8 @@ def test_workflow_loads_in_the_editor_and_runs(path: Path, editor, server):
     assert loaded["dialogs"] == [], f"the editor opened a dialog on load: {loaded['dialogs']}"
     assert (loaded["nodes"], loaded["links"]) == (len(wf["nodes"]), len(wf["links"])), loaded
     assert console_errors(editor) == []
+    if os.environ.get("MOA_SCREENSHOTS"):
+        _save_screenshot(editor, path.stem)
 
     prepared = json.loads(editor.execute_async_script(PREPARE_JS, MODEL_NAMES, IMAGE_NAMES, SIZE, STEPS))
     assert "exception" not in prepared, prepared.get("exception")
@@ -207,16 +234,18 @@ def test_workflow_loads_in_the_editor_and_runs(path: Path, editor, server):
     prompt = prepared["output"]
     kinds = [n["class_type"] for n in prompt.values()]
     assert not FRONTEND_ONLY & set(kinds), "frontend-only nodes must not reach the server"
-    assert kinds.count("KSampler") >= 1 and all(
-        n["inputs"]["steps"] == STEPS for n in prompt.values() if n["class_type"] == "KSampler")
+    assert any(k in SAMPLERS for k in kinds) and all(
+        n["inputs"]["steps"] == STEPS for n in prompt.values() if n["class_type"] in SAMPLERS + ("MoAInvertPhoto",))
 
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", f"execution failed: {execution_error(entry)}"
-    outputs = [i for i, n in prompt.items() if n["class_type"] in ("SaveImage", "PreviewImage")]
+    outputs = [i for i, n in prompt.items() if n["class_type"] in ("SaveImage", "PreviewImage", "SaveAnimatedPNG")]
     assert outputs, "a workflow must show its results"
+    frames = _frames(prompt)
     for node_id in outputs:
         images = entry["outputs"].get(node_id, {}).get("images", [])
-        assert len(images) == 1, f"{prompt[node_id]['class_type']} #{node_id} got {len(images)} image(s)"
+        expected = 1 if prompt[node_id]["class_type"] == "SaveAnimatedPNG" else frames
+        assert len(images) == expected, f"{prompt[node_id]['class_type']} #{node_id} got {len(images)} image(s)"
         pic = _image(server, images[0])
         assert pic.shape[:2] == _expected_size(prompt, node_id), (node_id, pic.shape)
         if prompt[prompt[node_id]["inputs"]["images"][0]]["class_type"] == "ImageStitch":

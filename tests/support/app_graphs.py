@@ -171,13 +171,15 @@ def regions_graph(*, regions=("region_a.png", "region_b.png"), seed: int = 1) ->
     g.pop("pos")
     g.update(moa_nodes([dict(MAN, region=regions[0]), dict(CAT, region=regions[1])], "a man and a cat in a garden"))
     g["sampler"]["inputs"].update(model=["apply", 0], positive=["apply", 1])
-    for i in (1, 2):
+    for i in (0, 1, 2):                  # 0: all subjects
         g[f"maps{i}"] = {"class_type": "MoARouterMaps", "inputs": {
             "model": ["apply", 0], "samples": ["sampler", 0], "layers": "all layers", "image": ["decode", 0],
             "opacity": 0.5, "subject": i}}
         g[f"mask{i}"] = {"class_type": "MaskToImage", "inputs": {"mask": [f"maps{i}", 0]}}
         g[f"save_mask{i}"] = {"class_type": "SaveImage", "inputs": {"images": [f"mask{i}", 0],
                                                                     "filename_prefix": f"moa_subject{i}_map"}}
+        g[f"save_overlay{i}"] = {"class_type": "SaveImage", "inputs": {"images": [f"maps{i}", 1],
+                                                                       "filename_prefix": f"moa_subject{i}_overlay"}}
     return g
 
 
