@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_moa_patch import bind, conds, fresh_adapter, perturb, sample, trained_looking_adapter  # noqa: F401
+from test_moa_patch import bind, conds, sample, trained_looking_adapter
 from test_subjects import adapter_for, loaded, photos, subjects_for  # noqa: F401  (fixtures)
 
 PROMPT = "a photo of a man and a dog at the beach"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .graphs import ADAPTER, CHECKPOINT, CLIP_VISION, subject_nodes
+from .graphs import ADAPTER, CLIP_VISION, base_graph, subject_nodes
 
 LORA = "tiny_style_lora.safetensors"
 SMOOTH_UNET = "tiny_sd15_smooth_unet.safetensors"
@@ -84,21 +84,9 @@ def write_app_inputs(input_dir: Path) -> None:
     Image.fromarray(pose).save(input_dir / "pose.png")
 
 
-def plain_nodes(prompt: str = PHOTO_PROMPT, seed: int = 1, steps: int = 2, model_from=None, positive_from=None,
-                latent_from=None) -> dict:
+def plain_nodes(prompt: str = PHOTO_PROMPT, seed: int = 1) -> dict:
     """Checkpoint, prompts, latent, KSampler, decode, save: the base graph the others extend."""
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["ckpt", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["ckpt", 1]}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "sampler": {"class_type": "KSampler", "inputs": {
-            "model": model_from or ["ckpt", 0], "positive": positive_from or ["pos", 0], "negative": ["neg", 0],
-            "latent_image": latent_from or ["latent", 0], "seed": seed, "steps": steps, "cfg": 4.0,
-            "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "moa_app"}},
-    }
+    return base_graph(prompt, seed=seed, size=SIZE)
 
 
 def moa_nodes(subjects: list[dict], prompt: str, *, model_from=None, strength: float = 1.0) -> dict:
