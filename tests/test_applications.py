@@ -262,3 +262,23 @@ def test_invert_photo_node_validates_its_inputs(comfy, tiny_model):
         node.invert(tiny_model, None, torch.zeros(1, 64, 60, 3), pos, neg, 10, "normal", 1.0, 0)
     with pytest.raises(MoAInputError, match=r"MoA Invert Photo: steps must be at least 1, got 0"):
         node.invert(tiny_model, None, torch.zeros(1, 64, 64, 3), pos, neg, 0, "normal", 1.0, 0)
+
+
+def test_inversion_sampler_node_plugs_into_sampler_custom(comfy, tiny_model):
+    """ComfyUI's own composition: SamplerCustom (add_noise off) + MoA DDIM Inversion Sampler + the sigmas of the
+    regeneration gives the same noise as MoA Invert Photo's path, and bad sigmas are refused clearly."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    from comfyui_moa.moa_attention.comfyui.inversion import invert_latent
+    from comfyui_moa.moa_attention.engine.errors import MoAInputError
+    from comfyui_moa.nodes.inversion import MoADDIMInversionSampler
+    _, pos, neg = conds()
+    z0 = _photo_latent()
+    (sampler,) = MoADDIMInversionSampler().get_sampler(1)
+    sigmas = comfy.samplers.calculate_sigmas(tiny_model.get_model_object("model_sampling"), "normal", 6)
+    out = SamplerCustom.execute(tiny_model, False, 0, 1.0, pos, neg, sampler, sigmas, {"samples": z0}).args[0]
+    ref = invert_latent(tiny_model, pos, neg, {"samples": z0}, 6, "normal", 1.0, refine=1)
+    assert torch.equal(out["samples"], ref["samples"])
+    with pytest.raises(MoAInputError, match="strictly descending sigmas"):
+        SamplerCustom.execute(tiny_model, False, 0, 1.0, pos, neg, sampler, sigmas.flip(0), {"samples": z0})

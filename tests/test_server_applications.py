@@ -15,6 +15,21 @@ from support import app_graphs as ag
 from test_server import assert_success, images_of
 
 
+NEW_NODES = {"MoASubjectMorph": "MoA Subject Morph", "MoAInvertPhoto": "MoA Invert Photo",
+             "MoADDIMInversionSampler": "MoA DDIM Inversion Sampler"}
+
+
+def test_application_nodes_are_listed_with_tooltips(server):
+    info = server.request("/object_info")
+    for node, display in NEW_NODES.items():
+        assert info[node]["display_name"] == display and info[node]["category"] == "MoA" and info[node]["description"]
+        assert all(info[node]["output_tooltips"]), node
+        for section in ("required", "optional"):
+            for name, spec in info[node]["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+    assert "subject" in info["MoARouterMaps"]["input"]["optional"]
+
+
 def latent_of(server, entry: dict, node: str) -> torch.Tensor:
     from safetensors.torch import load_file
     (item,) = entry["outputs"][node]["latents"]
