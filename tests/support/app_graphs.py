@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .graphs import ADAPTER, CLIP_VISION, base_graph, subject_nodes
+from . import graphs
+from .graphs import ADAPTER, base_graph, subject_nodes
 
 LORA = "tiny_style_lora.safetensors"
 SMOOTH_UNET = "tiny_sd15_smooth_unet.safetensors"
@@ -90,18 +91,7 @@ def plain_nodes(prompt: str = PHOTO_PROMPT, seed: int = 1) -> dict:
 
 
 def moa_nodes(subjects: list[dict], prompt: str, *, model_from=None, strength: float = 1.0) -> dict:
-    """MoA Subject chain + adapter + image encoder + MoA Apply (model from `model_from`, default the checkpoint)."""
-    g, previous = {}, None
-    for i, s in enumerate(subjects):
-        g.update(subject_nodes(f"subject{i}", s["image"], s.get("mask"), s["word"], previous, s.get("region")))
-        previous = [f"subject{i}", 0]
-    g["adapter"] = {"class_type": "MoAAdapterLoader", "inputs": {"adapter_name": ADAPTER}}
-    g["clipvision"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION}}
-    g["apply"] = {"class_type": "MoAApply", "inputs": {
-        "model": model_from or ["ckpt", 0], "moa_adapter": ["adapter", 0], "clip": ["ckpt", 1],
-        "clip_vision": ["clipvision", 0], "subjects": previous, "prompt": prompt, "strength": strength,
-        "start_percent": 0.0, "end_percent": 1.0, "routing": "soft"}}
-    return g
+    return graphs.moa_nodes(ADAPTER, subjects, prompt, strength=strength, model_from=model_from)
 
 
 MAN = {"image": "person.png", "mask": "person_mask.png", "word": "man"}

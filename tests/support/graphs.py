@@ -69,21 +69,28 @@ def subject_nodes(name: str, image: str, mask: str | None, word: str, previous: 
     return g
 
 
-def moa_graph(adapter: str, subjects: list[dict], prompt: str, *, strength: float = 1.0, routing: str = "soft",
-              seed: int = 1, maps: bool = True) -> dict:
-    """base_graph with MoA Apply between the checkpoint and the sampler; subjects chained in order."""
-    g = base_graph(prompt, seed=seed, positive_from=["apply", 1], model_from=["apply", 0])
-    g.pop("pos")
-    previous = None
+def moa_nodes(adapter: str, subjects: list[dict], prompt: str, *, strength: float = 1.0, routing: str = "soft",
+              model_from: list | None = None) -> dict:
+    """MoA Subject chain (in order) + adapter + image encoder + MoA Apply on `model_from` (default the checkpoint)."""
+    g, previous = {}, None
     for i, s in enumerate(subjects):
         g.update(subject_nodes(f"subject{i}", s["image"], s.get("mask"), s["word"], previous, s.get("region")))
         previous = [f"subject{i}", 0]
     g["adapter"] = {"class_type": "MoAAdapterLoader", "inputs": {"adapter_name": adapter}}
     g["clipvision"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_VISION}}
     g["apply"] = {"class_type": "MoAApply", "inputs": {
-        "model": ["ckpt", 0], "moa_adapter": ["adapter", 0], "clip": ["ckpt", 1], "clip_vision": ["clipvision", 0],
-        "subjects": previous, "prompt": prompt, "strength": strength, "start_percent": 0.0, "end_percent": 1.0,
-        "routing": routing}}
+        "model": model_from or ["ckpt", 0], "moa_adapter": ["adapter", 0], "clip": ["ckpt", 1],
+        "clip_vision": ["clipvision", 0], "subjects": previous, "prompt": prompt, "strength": strength,
+        "start_percent": 0.0, "end_percent": 1.0, "routing": routing}}
+    return g
+
+
+def moa_graph(adapter: str, subjects: list[dict], prompt: str, *, strength: float = 1.0, routing: str = "soft",
+              seed: int = 1, maps: bool = True) -> dict:
+    """base_graph with MoA Apply between the checkpoint and the sampler; subjects chained in order."""
+    g = base_graph(prompt, seed=seed, positive_from=["apply", 1], model_from=["apply", 0])
+    g.pop("pos")
+    g.update(moa_nodes(adapter, subjects, prompt, strength=strength, routing=routing))
     if maps:
         g["maps"] = {"class_type": "MoARouterMaps", "inputs": {
             "model": ["apply", 0], "samples": ["sampler", 0], "layers": "all layers", "image": ["decode", 0],
