@@ -30,7 +30,9 @@ class MoASubject:
                                              "background is removed with it. Same size as the image; one mask per "
                                              "photo or one for all. Unconnected: the whole photo is used."}),
                 "region": ("MASK", {"tooltip": "Optional: where in the generated picture this subject may appear "
-                                               "(1 = allowed). Outside it the base model draws alone."}),
+                                               "(1 = allowed). Outside it the base model draws alone. Give every "
+                                               "subject its own region (not overlapping) and each region's pixels "
+                                               "see only their own subject, so subjects do not blend."}),
                 "previous": (SUBJECTS_TYPE, {"tooltip": "Subjects from another MoA Subject node, to build a "
                                                        "multi-subject list."}),
             },
