@@ -22,13 +22,14 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"                  # "no", "fp16" (CUDA), "bf16"
     gradient_checkpointing: bool = False
-    router_loss_weight: float = 1.0              # background share (the paper's router loss)
+    # loss defaults: measured on the toy world (README "Losses"; experiments/toy_world)
+    router_loss_weight: float = 2.0              # background share (the paper's router loss)
     router_loss_power: float = 1.0               # 2 = the paper's squared form
-    subject_route_weight: float = 0.1            # -log(share) on subject pixels (ours)
+    subject_route_weight: float = 0.3            # -log(share) on subject pixels (ours)
     object_loss_weight: float = 0.1              # FastComposer's balanced L1 on cross-attention maps
     subject_loss_weight: float = 4.0             # weight of subject pixels in the denoising loss
-    background_effect_weight: float = 0.0        # |eps_moa - eps_base|^2 outside the subject (ours)
-    router_margin: float = 4.0                   # a fresh router's logit margin towards the prior
+    background_effect_weight: float = 4.0        # |eps_moa - eps_base|^2 outside the subject (ours)
+    router_margin: float = 2.0                   # a fresh router's logit margin towards the prior
     eval_examples: int = 32                      # examples evaluate() measures before/after
     checkpoint_every: int = 500
     keep_checkpoints: int = 3

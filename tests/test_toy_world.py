@@ -1,0 +1,63 @@
+"""The trainer learns MoA's disentanglement on a cut-down toy world (experiments/toy_world):
+a tiny SD1.5-architecture base trained briefly, an adapter trained briefly with the trainer's own
+loop, judged on identities it never saw with numbers a uniform share cannot reach (a share that
+is the same everywhere has AUROC 0.5 and changes every pixel alike)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# measured with this cut-down run (01:40 UTC, shared 2-core machine, 3.3 minutes for the module):
+# share AUROC 0.952, share inside/outside 0.42/0.12, eps change inside/outside 0.117/0.055 (2.1x).
+# A uniform share scores AUROC 0.5, a 1x share ratio and (issue #10's collapsed run) a 1.09x
+# change ratio, so these thresholds cannot be met without localisation.
+MIN_AUROC = 0.85
+MIN_SHARE_RATIO = 2.0
+MIN_IN_OUT_RATIO = 1.5
+
+
+@pytest.fixture(scope="module")
+def toy_run(comfy, tmp_path_factory):
+    from experiments.toy_world import base as base_mod
+    from experiments.toy_world import data, world
+    from moa_attention.training.config import TrainConfig
+    from moa_attention.training.loop import train_adapter
+    out = tmp_path_factory.mktemp("toy")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)           # on a busy 2-core machine one thread is several times faster
+    try:
+        bcfg = base_mod.BaseConfig(model_channels=32, levels=1, middle=False, steps=150, batch_size=8, warmup=20,
+                                   lr=2e-3)
+        base_mod.train_base(bcfg, out / "base.safetensors", log_every=50)
+        model, _ = base_mod.load_base(out / "base.safetensors", "cpu")
+        train = data.make_examples(world.identities(60, 11), 2, 12)
+        unseen = data.make_examples(world.identities(16, 13), 1, 14)
+        cfg = TrainConfig(Path(), Path(), Path(), out / "adapter", rank=8, batch_size=4, lr=2e-3, steps=100, seed=0,
+                          checkpoint_every=0, log_every=10, device="cpu", eval_examples=len(unseen))
+        assert train_adapter(cfg, model.diffusion_model, base_mod.alphas_cumprod(model), train, "cpu",
+                             eval_examples=unseen) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out / "adapter"
+
+
+def test_adapter_disentangles_unseen_identities(toy_run):
+    """On identities it never saw, the router's share separates the subject from the context
+    (AUROC at t <= 600) and the adapter changes the prediction inside the subject several times
+    more than outside it (same noisy input, strength 1)."""
+    summary = json.loads((toy_run / "summary.json").read_text())
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["share_auroc"] >= MIN_AUROC, summary
+    assert after["fg_share"] >= MIN_SHARE_RATIO * after["bg_share"], summary
+    assert after["bg_share"] < 0.5, summary                           # hard routing keeps the context
+    assert after["change_in"] >= MIN_IN_OUT_RATIO * after["change_out"], summary
+    assert after["loss"] < before["loss"], summary
+    assert (toy_run / "adapter.safetensors").is_file()
