@@ -112,8 +112,9 @@ def run(cfg: TrainConfig) -> int:
     loaded: dict[int, LoadedAdapter] = {}
 
     def sampler(adapter: MoAAdapter, step: int) -> None:
-        entry = loaded.setdefault(id(adapter), LoadedAdapter(adapter, "training"))     # one ModelPatcher
-        write_sample(cfg, model, vae, entry, examples[0], step, device)
+        if id(adapter) not in loaded:                      # one ModelPatcher for every sample
+            loaded[id(adapter)] = LoadedAdapter(adapter, "training")
+        write_sample(cfg, model, vae, loaded[id(adapter)], examples[0], step, device)
     return train_adapter(cfg, model.model.diffusion_model, 1.0 / (1.0 + sigmas ** 2), examples, device,
                          sampler=sampler)
 
@@ -127,8 +128,9 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
     """Train (or --resume) a MoA adapter on pre-encoded examples: the loop `run` drives, callable
     directly (the toy-world experiment does) with any SD1.5-architecture diffusion model and its
     alphas_cumprod. Writes everything run() writes into cfg.output_dir (rank 0). `sampler(adapter,
-    step)` writes a sample every cfg.sample_every steps and at the end when cfg.sample_every is
-    set; it must leave the UNet and the adapter on `device` (ComfyUI's sampler moves them).
+    step)` writes a sample at every multiple of cfg.sample_every (when set); it must leave the UNet
+    and the adapter on `device` (ComfyUI's sampler moves them). eval_examples (default: examples)
+    are what evaluate() measures into summary.json before and after.
     Returns 0, or 130 when interrupted (a checkpoint is kept)."""
     from tqdm import tqdm
 
