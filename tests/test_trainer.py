@@ -207,21 +207,6 @@ def test_ctrl_c_keeps_the_last_checkpoint(train_env, tmp_path):
     assert step >= 3 and (ckpt / "adapter.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_two_process_data_parallel_run_writes_one_adapter(train_env, tmp_path):
-    out = tmp_path / "ddp"
-    log = tmp_path / "ddp.txt"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(29500 + os.getpid() % 1000)]
-    proc = _spawn([*torchrun, "-m", "moa_attention.train", *train_args(train_env, out, "--steps", "3",
-                                                                         "--checkpoint-every", "0")], log)
-    assert proc.wait(timeout=minutes(15)) == 0, log.read_text()[-4000:]
-    assert (out / "adapter.safetensors").is_file()
-    assert len(list(out.glob("*.safetensors"))) == 1
-    from moa_attention.engine.adapter_file import load_adapter
-    assert load_adapter(out / "adapter.safetensors").config.expert == "lowrank"
-
-
 def test_router_loss_gradient_pushes_background_to_the_prior():
     from moa_attention.engine.router import Router
     from moa_attention.training.capture import Captured
