@@ -6,7 +6,9 @@ Runs unchanged on one device or data-parallel under `torchrun --nproc_per_node N
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ..comfyui.locate import find_comfyui
@@ -72,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    # Ctrl-C / SIGINT must reach the loop, which saves a checkpoint and exits 130. A process
+    # started as a background job by a non-interactive shell (`cmd &` in a script, CI runners)
+    # inherits SIGINT *ignored*, and Python then installs no handler: the run would never stop.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     comfy_dir = find_comfyui(cfg.comfyui)
     if str(comfy_dir) not in sys.path:
         sys.path.insert(0, str(comfy_dir))
