@@ -43,7 +43,10 @@ def refusals(node: str) -> Iterator[None]:
     try:
         yield
     except MoAError as e:
-        raise e.with_prefix(node) from e
+        prefixed = e.with_prefix(node)
+        if prefixed is e:           # already names this node (raised by a node-level check)
+            raise
+        raise prefixed from e
 
 
 def refuse(node: str, message: str) -> MoAInputError:
