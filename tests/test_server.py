@@ -156,8 +156,24 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, serve
         assert err["exception_message"].startswith(("MoA Apply: ", "MoA Subject ", "MoA Router Maps: ")), err
         assert err["exception_type"].rsplit(".", 1)[-1] in {
             "MoAInputError", "ClassWordError", "SubjectImageError", "ModelMismatchError", "AdapterFileError"}, err
+        if case.startswith("NaN"):
+            forget_non_json_prompt(server, entry)
     ok = copy.deepcopy(moa_graph(ADAPTER, ONE, PROMPT, maps=False, seed=hash(case) % 1000))
     assert_success(server.run(ok))
+
+
+def forget_non_json_prompt(server, entry: dict) -> None:
+    """ComfyUI keeps the NaN graph in its history and serves it back as `NaN`, which is not JSON:
+    the graph editor's queue panel then fails to parse /history on every page load (seen as
+    console errors in the browser tests). Delete that entry, and check /history is JSON again."""
+    import json
+    server.request("/history", {"delete": [entry["prompt"][1]]})
+    raw = server.request("/history?max_items=10000", timeout=60)
+    text = raw.decode() if isinstance(raw, bytes) else json.dumps(raw)
+
+    def refuse(token):
+        raise AssertionError(f"/history still holds {token}")
+    json.loads(text, parse_constant=refuse)
 
 
 def test_all_ones_mask_is_allowed(server, server_inputs):
