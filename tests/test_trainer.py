@@ -137,11 +137,12 @@ def test_step_casts_inputs_to_a_half_precision_unet(comfy):
     assert all(p.grad is None for p in unet.parameters())
 
 
-def test_data_parallel_ranks_draw_slices_of_the_one_process_batch():
+@pytest.mark.parametrize("bias", ["uniform", "cubic"])
+def test_data_parallel_ranks_draw_slices_of_the_one_process_batch(bias):
     from moa_attention.training.config import TrainConfig
     from moa_attention.training.step import draw
-    one = TrainConfig(Path(), Path(), Path(), Path(), batch_size=6, seed=5)
-    three = TrainConfig(Path(), Path(), Path(), Path(), batch_size=2, seed=5)
+    one = TrainConfig(Path(), Path(), Path(), Path(), batch_size=6, seed=5, timestep_bias=bias)
+    three = TrainConfig(Path(), Path(), Path(), Path(), batch_size=2, seed=5, timestep_bias=bias)
     for step in (0, 7):
         idx, noise, t = draw(step, 0, one, 50, (4, 8, 8), "cpu")
         parts = [draw(step, r, three, 50, (4, 8, 8), "cpu", world=3) for r in range(3)]
@@ -221,3 +222,33 @@ def test_router_loss_gradient_pushes_background_to_the_prior():
     loss.backward()
     # raising the personal logit's bias would raise the background share: its gradient is positive
     assert router.fc2.bias.grad[1] > 0 and router.fc2.bias.grad[0] < 0
+
+
+def test_cubic_timestep_bias_draws_mostly_high_noise_steps():
+    from moa_attention.training.config import TrainConfig
+    from moa_attention.training.step import draw
+    share = {}
+    for bias in ("uniform", "cubic"):
+        cfg = TrainConfig(Path(), Path(), Path(), Path(), batch_size=500, seed=1, timestep_bias=bias)
+        t = torch.cat([draw(step, 0, cfg, 10, (1, 1, 1), "cpu")[2] for step in range(8)])
+        assert 0 <= int(t.min()) and int(t.max()) <= 999
+        share[bias] = float((t >= 750).float().mean())
+    # t = 1000 (1 - u^3) >= 750  <=>  u <= 0.25^(1/3): 63% of the steps instead of 25%
+    assert share["uniform"] == pytest.approx(0.25, abs=0.03)
+    assert share["cubic"] == pytest.approx(0.25 ** (1 / 3), abs=0.03)
+
+
+def test_subject_x0_loss_is_the_subjects_x0_error_capped():
+    from moa_attention.training.losses import subject_x0_loss
+    pred = torch.zeros(2, 4, 4, 4)
+    target = torch.zeros(2, 4, 4, 4)
+    target[:, :, :2] = 1.0                       # eps error 1 on the top half, 0 below
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[:, :, :1] = 1.0                        # the subject: the top row (error 1)
+    masks[1, :, 3] = 1.0                         # example 1 also has the bottom row (error 0)
+    abar = torch.tensor([0.5, 0.01])             # (1 - abar) / abar = 1 and 99
+    # example 0: mean error 1 x 1; example 1: mean error 0.5 x min(99, cap)
+    assert subject_x0_loss(pred, target, masks, abar, cap=20.0).item() == pytest.approx((1.0 + 10.0) / 2)
+    assert subject_x0_loss(pred, target, masks, abar, cap=200.0).item() == pytest.approx((1.0 + 49.5) / 2)
+    target[:, :, 2] = 7.0                        # an error outside every subject does not count
+    assert subject_x0_loss(pred, target, masks, abar, cap=20.0).item() == pytest.approx((1.0 + 10.0) / 2)

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from ..comfyui.locate import find_comfyui
-from .config import TrainConfig
+from .config import TIMESTEP_BIASES, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "UNet forward per step)")
     p.add_argument("--router-margin", type=float, default=d.router_margin,
                    help="a fresh router's logit margin towards the prior (4: share 0.018)")
+    p.add_argument("--subject-x0-weight", type=float, default=d.subject_x0_weight,
+                   help="weight of the subject's error in x0 units: eps error x (1 - abar) / abar, capped. "
+                        "Identity is decided at high noise, where the eps loss barely sees it")
+    p.add_argument("--effect-x0-weight", type=float, default=d.effect_x0_weight,
+                   help="weight of the change against the base model outside the subjects in x0 units (the "
+                        "picture the sampler heads for), capped like --subject-x0-weight")
+    p.add_argument("--x0-weight-cap", type=float, default=d.x0_weight_cap,
+                   help="cap of the (1 - abar) / abar factor of the x0-unit terms (20: reached near t=880)")
+    p.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default=d.timestep_bias,
+                   help="timestep sampling: uniform, or cubic (t = 1000 (1 - u^3), as T2I-Adapter trains: "
+                        "more steps at high noise, where layout and identity are decided)")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples,
                    help="examples measured before and after training (summary.json)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)

@@ -33,8 +33,8 @@ from .encode import Example, encoded_examples
 from .sampling import write_sample
 from .step import AUROC_MAX_T, MoATrainStep, draw, enable_checkpointing, evaluate
 
-LOG_FIELDS = ["step", "loss", "denoise", "router", "subject_route", "object", "effect", "bg_share", "fg_share",
-              "share_auroc", "lr", "seconds"]
+LOG_FIELDS = ["step", "loss", "denoise", "router", "subject_route", "object", "effect", "subject_x0", "effect_x0",
+              "bg_share", "fg_share", "share_auroc", "lr", "seconds"]
 
 
 # ----------------------------------------------------------------------------- setup

@@ -17,8 +17,8 @@ from ..engine.metrics import auroc, change_inside_outside
 from .capture import LossCapture, share_map
 from .config import TrainConfig
 from .encode import Example
-from .losses import (background_effect_loss, background_share, denoising_loss, object_loss, router_loss,
-                     subject_route_loss)
+from .losses import (background_effect_loss, background_share, denoising_loss, object_loss, background_effect_x0_loss,
+                     router_loss, subject_route_loss, subject_x0_loss)
 
 
 def model_dtype(diffusion_model: nn.Module) -> torch.dtype:
@@ -84,23 +84,35 @@ class MoATrainStep(nn.Module):
 
     def forward(self, batch: list[Example], noise: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        f = self.run(batch, noise, timesteps, with_base=cfg.background_effect_weight > 0)
+        f = self.run(batch, noise, timesteps, with_base=cfg.background_effect_weight > 0 or cfg.effect_x0_weight > 0)
+        abar = self.alphas_cumprod[timesteps]
         losses = {"denoise": denoising_loss(f.pred, f.noise, f.masks, cfg.subject_loss_weight),
                   "router": router_loss(f.captured, f.masks, f.hw, cfg.router_loss_power),
                   "subject_route": subject_route_loss(f.captured, f.masks, f.hw),
                   "object": object_loss(f.captured, f.masks, [e.masks.shape[0] for e in batch], f.hw),
                   "effect": (background_effect_loss(f.pred, f.base, f.masks) if f.base is not None
-                             else f.pred.new_zeros(()))}
+                             else f.pred.new_zeros(())),
+                  "subject_x0": subject_x0_loss(f.pred, f.noise, f.masks, abar, cfg.x0_weight_cap),
+                  "effect_x0": (background_effect_x0_loss(f.pred, f.base, f.masks, abar, cfg.x0_weight_cap)
+                                if f.base is not None else f.pred.new_zeros(()))}
         losses["loss"] = (losses["denoise"] + cfg.router_loss_weight * losses["router"]
                           + cfg.subject_route_weight * losses["subject_route"]
                           + cfg.object_loss_weight * losses["object"]
-                          + cfg.background_effect_weight * losses["effect"])
+                          + cfg.background_effect_weight * losses["effect"]
+                          + cfg.subject_x0_weight * losses["subject_x0"]
+                          + cfg.effect_x0_weight * losses["effect_x0"])
         bg, fg = background_share(f.captured, f.masks, f.hw)
         losses["bg_share"], losses["fg_share"] = torch.tensor(bg), torch.tensor(fg)
         with torch.no_grad():
             union = f.masks.amax(dim=1)
             losses["share_auroc"] = torch.tensor(auroc(share_map(f.captured, f.hw), union))
         return losses
+
+
+def biased_timesteps(u: torch.Tensor) -> torch.Tensor:
+    """T2I-Adapter's cubic schedule t = 1000 (1 - u^3): 63% of steps at t >= 750 instead of 25%.
+    The noisiest steps decide layout and colours, so a subject's identity is learned there."""
+    return ((1.0 - u ** 3) * 1000).long().clamp(0, 999)
 
 
 def draw(step: int, rank: int, cfg: TrainConfig, n_examples: int, shape: tuple, device, world: int = 1) -> tuple:
@@ -114,6 +126,8 @@ def draw(step: int, rank: int, cfg: TrainConfig, n_examples: int, shape: tuple, 
     idx = torch.randint(0, n_examples, (total,), generator=g)
     noise = torch.randn((total, *shape), generator=g)
     timesteps = torch.randint(0, 1000, (total,), generator=g)
+    if cfg.timestep_bias == "cubic":
+        timesteps = biased_timesteps(torch.rand((total,), generator=g))
     mine = slice(rank * b, (rank + 1) * b)
     return idx[mine].tolist(), noise[mine].to(device), timesteps[mine].to(device)
 
