@@ -252,3 +252,17 @@ def test_subject_x0_loss_is_the_subjects_x0_error_capped():
     assert subject_x0_loss(pred, target, masks, abar, cap=200.0).item() == pytest.approx((1.0 + 49.5) / 2)
     target[:, :, 2] = 7.0                        # an error outside every subject does not count
     assert subject_x0_loss(pred, target, masks, abar, cap=20.0).item() == pytest.approx((1.0 + 10.0) / 2)
+
+
+def test_background_effect_x0_loss_scales_the_outside_change_per_example():
+    from moa_attention.training.losses import background_effect_loss, background_effect_x0_loss
+    g = torch.Generator().manual_seed(0)
+    pred, base = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[:, :, :2] = 1.0
+    abar = torch.tensor([0.5, 0.01])
+    per_example = [background_effect_loss(pred[i:i + 1], base[i:i + 1], masks[i:i + 1]).item() for i in range(2)]
+    expected = (per_example[0] * 1.0 + per_example[1] * 20.0) / 2
+    assert background_effect_x0_loss(pred, base, masks, abar, cap=20.0).item() == pytest.approx(expected, rel=1e-5)
+    base[:, :, :2] += 9.0                        # a change inside the subject does not count
+    assert background_effect_x0_loss(pred, base, masks, abar, cap=20.0).item() == pytest.approx(expected, rel=1e-5)

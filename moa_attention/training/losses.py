@@ -25,12 +25,17 @@ def _masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (values * weight).sum(dim=-1) / weight.sum(dim=-1).clamp_min(1e-6)
 
 
+def _squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, HW] squared difference averaged over channels, in fp32."""
+    return ((a.float() - b.float()) ** 2).mean(dim=1).flatten(1)
+
+
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor, subject_masks: torch.Tensor | None = None,
                    subject_weight: float = 1.0) -> torch.Tensor:
     """Epsilon MSE; pixels inside any subject mask count `subject_weight` times (the paper's
     masked diffusion loss, with the background kept at weight 1 so the expert is also held to
     the base model's prediction there)."""
-    err = ((pred.float() - target.float()) ** 2).mean(dim=1).flatten(1)   # [B, HW]
+    err = _squared_error(pred, target)
     if subject_masks is None or subject_weight == 1.0:
         return err.mean()
     union = subject_masks.amax(dim=1).flatten(1)                          # [B, HW]
@@ -52,8 +57,8 @@ def subject_x0_loss(pred: torch.Tensor, target: torch.Tensor, subject_masks: tor
     """The subject's denoising error in x0 units (ours). Measured on the toy world: with the eps
     loss alone, the subject's x0 error at t=900 on unseen identities stayed within 3% of the base
     model's (the reference's identity was hardly used); this term brought it to 17-20% below."""
-    err = ((pred.float() - target.float()) ** 2).mean(dim=1).flatten(1)                 # [B, HW]
-    return (_masked_mean(err, subject_masks.amax(dim=1).flatten(1)) * x0_scale(alphas_cumprod, cap)).mean()
+    inside = _masked_mean(_squared_error(pred, target), subject_masks.amax(dim=1).flatten(1))
+    return (inside * x0_scale(alphas_cumprod, cap)).mean()
 
 
 def background_effect_x0_loss(pred: torch.Tensor, base: torch.Tensor, subject_masks: torch.Tensor,
@@ -61,9 +66,7 @@ def background_effect_x0_loss(pred: torch.Tensor, base: torch.Tensor, subject_ma
     """background_effect_loss in x0 units (ours): what the expert changes in the picture the
     sampler is heading for, outside the subjects. The eps-unit term lets a change at high noise
     through almost unpenalised, and that is when the context is laid out."""
-    err = ((pred.float() - base.float()) ** 2).mean(dim=1).flatten(1)
-    background = 1.0 - subject_masks.amax(dim=1).flatten(1)
-    return (_masked_mean(err, background) * x0_scale(alphas_cumprod, cap)).mean()
+    return (_background_change(pred, base, subject_masks) * x0_scale(alphas_cumprod, cap)).mean()
 
 
 def router_loss(captured: list[Captured], subject_masks: torch.Tensor, latent_hw: tuple[int, int],
@@ -101,9 +104,12 @@ def background_effect_loss(pred: torch.Tensor, base: torch.Tensor, subject_masks
     subject (ours): the router loss bounds the *share* on the background, but a small share
     times a large expert delta still redraws it; this bounds the *effect*. Costs one extra
     UNet forward without gradient per step."""
-    err = ((pred.float() - base.float()) ** 2).mean(dim=1).flatten(1)     # [B, HW]
-    background = 1.0 - subject_masks.amax(dim=1).flatten(1)
-    return _masked_mean(err, background).mean()
+    return _background_change(pred, base, subject_masks).mean()
+
+
+def _background_change(pred: torch.Tensor, base: torch.Tensor, subject_masks: torch.Tensor) -> torch.Tensor:
+    """[B] mean squared difference outside every subject."""
+    return _masked_mean(_squared_error(pred, base), 1.0 - subject_masks.amax(dim=1).flatten(1))
 
 
 def object_loss(captured: list[Captured], subject_masks: torch.Tensor, subject_count: list[int],
