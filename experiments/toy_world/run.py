@@ -40,6 +40,7 @@ T_RANGES = ((100, 300), (300, 500), (500, 700), (700, 900))
 #: samplers do for pixels): a small base model's eps at t ~ 999 is off by more than 1/sqrt(a_t)
 #: can afford, and unclipped first steps left 20-step samples as noise
 X0_CLAMP = 4.0
+MAX_OBJECT_PIXELS = 80
 
 
 @dataclass
@@ -61,7 +62,8 @@ class ToyConfig:
 
 
 LOSS_OPTIONS = ("router_loss_weight", "router_loss_power", "subject_route_weight", "object_loss_weight",
-                "subject_loss_weight", "background_effect_weight", "router_margin")
+                "subject_loss_weight", "background_effect_weight", "router_margin", "subject_x0_weight",
+                "effect_x0_weight", "x0_weight_cap", "timestep_bias")
 
 
 def get_base(cfg: ToyConfig, path: Path):
@@ -167,7 +169,9 @@ def _dilate(mask: torch.Tensor) -> torch.Tensor:
 def _similarity(latents: torch.Tensor, refs: torch.Tensor, bgs: list, centre: torch.Tensor) -> tuple[list, int]:
     sims, found = [], 0
     for lat, ref, bg in zip(latents, refs, bgs):
-        d = encoder.descriptor(lat, world.object_mask_from_latent(lat, bg).float())
+        mask = world.object_mask_from_latent(lat, bg)
+        # an object covers 4..80 pixels (radius 2.5..4); more means the background itself is off
+        d = encoder.descriptor(lat, mask.float()) if int(mask.sum()) <= MAX_OBJECT_PIXELS else None
         if d is None:
             sims.append(0.0)          # no object drawn: no similarity
             continue
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if k not in ("loss", "base"):
             p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     for k in LOSS_OPTIONS:
-        p.add_argument(f"--{k.replace('_', '-')}", type=float, default=getattr(td, k),
+        p.add_argument(f"--{k.replace('_', '-')}", type=type(getattr(td, k)), default=getattr(td, k),
                        help="as the trainer's option of that name")
     p.add_argument("--base-steps", type=int, default=d.base.steps)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")

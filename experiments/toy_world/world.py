@@ -90,9 +90,17 @@ def caption_tokens(cls: str | None, background: str | None) -> list[str]:
 
 
 def embed(tokens: list[str]) -> torch.Tensor:
-    """[CONTEXT_LEN, 768] the caption's context, as a text encoder output would be."""
+    """[CONTEXT_LEN, 768] the caption's context, as a text encoder output would be.
+
+    Contextual like CLIP's causal transformer: token i holds its word and a summary of the
+    caption up to i, so <eos> and the padding carry the whole caption. With plain per-word
+    vectors only one token of eight named the background, and a 1.6M-parameter base trained
+    1,000 steps still drew the background from noise worse than the mean background would be
+    (x0 error 0.55 at t=900 vs 0.81; conditional and unconditional within 20% of each other)."""
     table = word_embeddings()
-    return torch.stack([table[t] for t in tokens]) + _position_codes()
+    words = torch.stack([table[t] for t in tokens])
+    summary = words.cumsum(0) / torch.arange(1, len(tokens) + 1).float().sqrt()[:, None]
+    return (words + summary) / 2 ** 0.5 + _position_codes()
 
 
 def background_templates() -> dict[str, torch.Tensor]:
