@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the change against the base model outside the subjects in x0 units (the "
                         "picture the sampler heads for), capped like --subject-x0-weight")
     p.add_argument("--x0-weight-cap", type=float, default=d.x0_weight_cap,
-                   help="cap of the (1 - abar) / abar factor of the x0-unit terms (20: reached near t=880)")
+                   help="cap of the (1 - abar) / abar factor of the x0-unit terms (20: reached at t=771)")
     p.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default=d.timestep_bias,
                    help="timestep sampling: uniform, or cubic (t = 1000 (1 - u^3), as T2I-Adapter trains: "
                         "more steps at high noise, where layout and identity are decided)")

@@ -32,10 +32,10 @@ class TrainConfig:
     subject_loss_weight: float = 4.0             # weight of subject pixels in the denoising loss
     background_effect_weight: float = 4.0        # |eps_moa - eps_base|^2 outside the subject (ours)
     router_margin: float = 2.0                   # a fresh router's logit margin towards the prior
-    subject_x0_weight: float = 1.0               # the subject's error in x0 units at high noise (ours)
-    effect_x0_weight: float = 1.0                # background_effect in x0 units (ours)
+    subject_x0_weight: float = 0.0               # the subject's error in x0 units at high noise (ours)
+    effect_x0_weight: float = 0.0                # background_effect in x0 units (ours)
     x0_weight_cap: float = 20.0                  # cap of (1 - abar) / abar in the x0-unit terms
-    timestep_bias: str = "cubic"                 # T2I-Adapter's: more high-noise steps; or "uniform"
+    timestep_bias: str = "uniform"               # or "cubic" (T2I-Adapter's: more high-noise steps)
     eval_examples: int = 32                      # examples evaluate() measures before/after
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
