@@ -31,7 +31,7 @@ class BaseConfig:
     warmup: int = 100
     caption_dropout: float = 0.1
     ema: float = 0.995               # decay of an exponential moving average of the weights (0: off)
-    min_snr_gamma: float = 0.0       # Min-SNR loss weighting min(SNR, gamma) / SNR (0: off)
+    min_snr_gamma: float = 0.0       # Min-SNR weighting min(SNR, gamma) / SNR (0: off; 5 was no better)
     x0_weight_cap: float = 20.0      # weight max(1, min((1 - abar) / abar, cap)): x0 units at high noise
     low_freq_noise: float = 0.3      # multi-scale noise weight (offset noise at 1x1, 2x2 and 4x4 blocks)
     seed: int = 0

@@ -93,10 +93,10 @@ def embed(tokens: list[str]) -> torch.Tensor:
     """[CONTEXT_LEN, 768] the caption's context, as a text encoder output would be.
 
     Contextual like CLIP's causal transformer: token i holds its word and a summary of the
-    caption up to i, so <eos> and the padding carry the whole caption. With plain per-word
-    vectors only one token of eight named the background, and a 1.6M-parameter base trained
-    1,000 steps still drew the background from noise worse than the mean background would be
-    (x0 error 0.55 at t=900 vs 0.81; conditional and unconditional within 20% of each other)."""
+    caption up to i, so <eos> and the padding carry the whole caption, as they do in SD1.5's
+    prompts; plain per-word vectors named the background in one token of eight. (This alone
+    did not make the base draw the caption's background from noise: the colour leak did, see
+    base.training_noise.)"""
     table = word_embeddings()
     words = torch.stack([table[t] for t in tokens])
     summary = words.cumsum(0) / torch.arange(1, len(tokens) + 1).float().sqrt()[:, None]

@@ -17,8 +17,8 @@ from ..engine.metrics import auroc, change_inside_outside
 from .capture import LossCapture, share_map
 from .config import TrainConfig
 from .encode import Example
-from .losses import (background_effect_loss, background_share, denoising_loss, object_loss, background_effect_x0_loss,
-                     router_loss, subject_route_loss, subject_x0_loss)
+from .losses import (background_effect_loss, background_effect_x0_loss, background_share, denoising_loss,
+                     object_loss, router_loss, subject_route_loss, subject_x0_loss)
 
 
 def model_dtype(diffusion_model: nn.Module) -> torch.dtype:
