@@ -137,19 +137,17 @@ def train_base(cfg: BaseConfig, out: Path, log_every: int = 100, save_every: int
         t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
         a = ac[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), context=ctx)
+        abar = a.flatten()
         if cfg.x0_weight_cap:
             # an eps error e at high noise is an x0 error e sqrt((1 - abar) / abar): the eps loss
             # hardly sees the caption's layout there, yet sampling from noise starts there
-            weight = ((1 - a.flatten()) / a.flatten()).clamp(1.0, cfg.x0_weight_cap)
-            loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
+            weight = ((1 - abar) / abar).clamp(1.0, cfg.x0_weight_cap)
         elif cfg.min_snr_gamma:
-            # Hang et al. 2023: low-noise steps (easy, many) stop dominating the gradient, so the
-            # caption's layout at high noise is learned sooner
-            snr = a.flatten() / (1 - a.flatten())
-            weight = snr.clamp(max=cfg.min_snr_gamma) / snr
-            loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
+            # Hang et al. 2023: low-noise steps (easy, many) stop dominating the gradient
+            weight = (abar / (1 - abar)).clamp(max=cfg.min_snr_gamma) / (abar / (1 - abar))
         else:
-            loss = torch.nn.functional.mse_loss(pred, noise)
+            weight = torch.ones_like(abar)
+        loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
