@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{k.replace('_', '-')}", type=type(getattr(td, k)), default=getattr(td, k),
                        help="as the trainer's option of that name")
     p.add_argument("--base-steps", type=int, default=d.base.steps)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads (default: all cores; use 1 when other jobs share the cores)")
     ns = vars(p.parse_args(argv))
     torch.set_num_threads(ns.pop("threads"))
     out, base_file = ns.pop("out"), ns.pop("base_file")
