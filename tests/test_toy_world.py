@@ -64,3 +64,40 @@ def test_adapter_disentangles_unseen_identities(toy_run):
     assert after["change_in"] >= MIN_IN_OUT_RATIO * after["change_out"], summary
     assert after["loss"] < before["loss"], summary
     assert (toy_run / "adapter.safetensors").is_file()
+
+
+def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_path, capsys):
+    """The README's one command, cut to seconds: it trains and caches the base, trains the adapter,
+    evaluates unseen and seen identities and writes the table, results and grids; a second run
+    with the same base config reuses the cached file instead of training it again."""
+    from experiments.toy_world import run as toy
+    from PIL import Image
+    args = ["--out", str(tmp_path / "run"), "--base-file", str(tmp_path / "base.safetensors"), "--threads", "1",
+            "--base-steps", "10", "--steps", "4", "--batch-size", "4", "--train-identities", "6",
+            "--scenes-per-identity", "1", "--eval-identities", "6", "--sample-steps", "3"]
+    threads = torch.get_num_threads()            # main() sets the process's thread count
+    try:
+        assert toy.main(args) == 0
+        first = capsys.readouterr().out
+        assert toy.main(args) == 0
+        again = capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    assert "training the base model (10 steps)" in first
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    for name in ("unseen", "seen"):
+        r = results[name]
+        for lo, hi in toy.T_RANGES:
+            assert 0.0 <= r[f"auroc_t{lo}_{hi}"] <= 1.0, r
+        assert r["step_change_in"] > 0 and r["step_change_out"] > 0, r
+        # a 10-step base draws no clean background, so "outside the subject" may be empty (NaN)
+        for key in ("sample_change_in", "sample_change_out", "id_moa", "id_hard", "id_base", "id_mismatched",
+                    "objects_found_moa", "soft_vs_hard_in", "swap_sample_change_in", "swap_id_moa"):
+            assert isinstance(r[key], float), (name, key, r[key])
+    table = (tmp_path / "run" / "table.md").read_text()
+    assert table.count("| unseen") == 3 and table.count("| seen") == 3 and "swap from t=600" in table
+    grid = Image.open(tmp_path / "run" / "grid.png")
+    assert grid.size == (2 + 5 * (16 * 8 + 2), 2 + 6 * (16 * 8 + 2))  # 6 identities x (ref, base, MoA, map, hard)
+    assert Image.open(tmp_path / "run" / "grid_swap.png").size[0] == 2 + 6 * (16 * 8 + 2)
+    assert results["train_summary"]["steps"] == 4
+    assert "reusing the base model" in again and "training the base model" not in again
