@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,18 @@ MIN_SHARE_RATIO = 2.0
 MIN_IN_OUT_RATIO = 1.5
 
 
+@contextmanager
+def one_thread():
+    """One torch thread (on a busy 2-core machine several times faster than two), then the
+    process's own count again: the toy world's code and its main() set it process-wide."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def toy_run(comfy, tmp_path_factory):
     from experiments.toy_world import base as base_mod
@@ -31,9 +44,7 @@ def toy_run(comfy, tmp_path_factory):
     from moa_attention.training.config import TrainConfig
     from moa_attention.training.loop import train_adapter
     out = tmp_path_factory.mktemp("toy")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)           # on a busy 2-core machine one thread is several times faster
-    try:
+    with one_thread():
         # the plain recipe (no EMA, eps loss, Gaussian noise): localisation needs a base that knows
         # the context at t <= 600, not one that draws scenes from noise
         bcfg = base_mod.BaseConfig(model_channels=32, levels=1, middle=False, steps=150, batch_size=8, warmup=20,
@@ -46,8 +57,6 @@ def toy_run(comfy, tmp_path_factory):
                           checkpoint_every=0, log_every=10, device="cpu", eval_examples=len(unseen))
         assert train_adapter(cfg, model.diffusion_model, base_mod.alphas_cumprod(model), train, "cpu",
                              eval_examples=unseen) == 0
-    finally:
-        torch.set_num_threads(threads)
     return out / "adapter"
 
 
@@ -75,14 +84,11 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
     args = ["--out", str(tmp_path / "run"), "--base-file", str(tmp_path / "base.safetensors"), "--threads", "1",
             "--base-steps", "10", "--steps", "4", "--batch-size", "4", "--train-identities", "6",
             "--scenes-per-identity", "1", "--eval-identities", "6", "--sample-steps", "3"]
-    threads = torch.get_num_threads()            # main() sets the process's thread count
-    try:
+    with one_thread():
         assert toy.main(args) == 0
         first = capsys.readouterr().out
         assert toy.main(args) == 0
         again = capsys.readouterr().out
-    finally:
-        torch.set_num_threads(threads)
     assert "training the base model (10 steps)" in first
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     for name in ("unseen", "seen"):
