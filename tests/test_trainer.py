@@ -151,6 +151,40 @@ def test_data_parallel_ranks_draw_slices_of_the_one_process_batch(bias):
         assert torch.equal(torch.cat([p[2] for p in parts]), t)
 
 
+def test_trainer_state_comes_back_exactly_also_from_files_with_the_old_extra_entry(tmp_path):
+    """AdamW's moments and step counts come back exactly; files of older versions, whose header
+    also holds an "extra" entry, still load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moa_attention.training.checkpoints import load_trainer_state, save_trainer_state
+
+    def optimizer():
+        params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+        return params, torch.optim.AdamW(params, lr=1e-2)
+    params, trained_opt = optimizer()
+    for _ in range(3):
+        trained_opt.zero_grad()
+        (2 * params[0].sum() + (params[1] ** 3).sum()).backward()
+        trained_opt.step()
+    names = {0: "a", 1: "b"}
+    path = tmp_path / "state.safetensors"
+    save_trainer_state(path, trained_opt, names, step=3)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert "extra" not in meta
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "extra": json.dumps({"note": 1})})
+    want = trained_opt.state_dict()["state"]
+    for file in (path, old):
+        _, fresh = optimizer()
+        assert load_trainer_state(file, fresh, names) == 3
+        got = fresh.state_dict()["state"]
+        for i in (0, 1):
+            assert torch.equal(got[i]["exp_avg"], want[i]["exp_avg"]) and float(got[i]["step"]) == 3
+            assert torch.equal(got[i]["exp_avg_sq"], want[i]["exp_avg_sq"])
+
+
 def test_trained_adapter_loads_in_the_node_and_samples_through_the_server(trained, server, server_inputs):
     from support.graphs import moa_graph
     target = server.base / "models" / "moa" / "trained_tiny.safetensors"

@@ -19,8 +19,7 @@ from ..engine.files import atomic_write
 STATE_FILE = "trainer_state.safetensors"
 
 
-def save_trainer_state(path: Path, optimizer: torch.optim.Optimizer, names: dict[int, str], step: int,
-                       extra: dict | None = None) -> None:
+def save_trainer_state(path: Path, optimizer: torch.optim.Optimizer, names: dict[int, str], step: int) -> None:
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
@@ -33,12 +32,13 @@ def save_trainer_state(path: Path, optimizer: torch.optim.Optimizer, names: dict
                 scalars.setdefault(name, {})[key] = float(value)
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": str(step), "param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars),
-            "names": json.dumps([names[i] for i in sorted(names)]), "extra": json.dumps(extra or {})}
+            "names": json.dumps([names[i] for i in sorted(names)])}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[int, dict]:
-    """Restore the optimizer in place; returns (step, extra)."""
+def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> int:
+    """Restore the optimizer and the torch RNG in place; returns the step. Metadata keys it does
+    not use (older versions also wrote an empty "extra") are ignored."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -59,7 +59,7 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer, names: dict
             state[idx] = entry
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
     torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), json.loads(meta["extra"])
+    return int(meta["step"])
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:

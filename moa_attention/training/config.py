@@ -1,7 +1,7 @@
 """Every option of a training run, with the defaults the CLI shows."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 TIMESTEP_BIASES = ("uniform", "cubic")
@@ -46,4 +46,3 @@ class TrainConfig:
     force: bool = False
     device: str = "auto"
     comfyui: Path | None = None
-    extra: dict = field(default_factory=dict)

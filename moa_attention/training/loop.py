@@ -159,7 +159,7 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
     else:
         adapter = init_adapter_from_unet(diffusion_model, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed,
                                          router_margin=cfg.router_margin)
-    adapter.config.training = {k: str(v) for k, v in asdict(cfg).items() if k != "extra"}
+    adapter.config.training = {k: str(v) for k, v in asdict(cfg).items()}
     adapter.to(device).train()
     uninstall = install_layers(diffusion_model, adapter, sdpa_attention)
     if cfg.gradient_checkpointing:
@@ -173,7 +173,7 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if checkpoints:
-        start, _ = load_trainer_state(checkpoints[-1] / STATE_FILE, optimizer, names)
+        start = load_trainer_state(checkpoints[-1] / STATE_FILE, optimizer, names)
     if rank == 0:
         (cfg.output_dir / "config.json").write_text(json.dumps(adapter.config.training, indent=2))
 
