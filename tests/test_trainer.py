@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,6 +150,29 @@ def test_data_parallel_ranks_draw_slices_of_the_one_process_batch(bias):
         assert sum((p[0] for p in parts), []) == idx
         assert torch.equal(torch.cat([p[1] for p in parts]), noise)
         assert torch.equal(torch.cat([p[2] for p in parts]), t)
+
+
+#: the trainer's off-by-default research knobs, listed apart in --help
+RESEARCH_OPTIONS = ("--router-loss-power", "--router-margin", "--subject-x0-weight", "--effect-x0-weight",
+                    "--x0-weight-cap", "--timestep-bias")
+
+
+def test_help_lists_the_research_knobs_apart_under_experimental():
+    from moa_attention.training.cli import build_parser, parse_args
+    from moa_attention.training.config import TrainConfig
+    main, found, experimental = build_parser().format_help().partition("\nexperimental:\n")
+    assert found, "no 'experimental' section in --help"
+    options = re.split(r"\n(?:options|optional arguments):\n", main)[1]
+    for flag in RESEARCH_OPTIONS:
+        assert f"  {flag} " in experimental and f"  {flag} " not in options, flag
+    for flag in ("--lr", "--steps", "--subject-loss-weight", "--router-loss-weight", "--subject-route-weight",
+                 "--background-effect-weight", "--object-loss-weight"):
+        assert f"  {flag} " in options and f"  {flag} " not in experimental, flag
+    # grouped, not changed: the same names and the same defaults
+    cfg = parse_args(["--base", "b", "--clip-vision", "c", "--data", "d", "--output-dir", "o"])
+    assert cfg == TrainConfig(Path("b"), Path("c"), Path("d"), Path("o"))
+    assert parse_args(["--base", "b", "--clip-vision", "c", "--data", "d", "--output-dir", "o",
+                       "--timestep-bias", "cubic", "--router-margin", "4"]).router_margin == 4.0
 
 
 def test_trainer_state_comes_back_exactly_also_from_files_with_the_old_extra_entry(tmp_path):

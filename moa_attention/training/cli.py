@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute transformer blocks in "
                                                                           "backward (less memory, ~30%% slower)")
+    x = p.add_argument_group("experimental", "research knobs: the defaults are the tested recipe (the x0 terms "
+                                             "and the cubic schedule off); why each: docs/training.md")
     p.add_argument("--router-loss-weight", type=float, default=d.router_loss_weight,
                    help="the paper's router loss: personalized share on background pixels, averaged over layers")
-    p.add_argument("--router-loss-power", type=float, default=d.router_loss_power,
+    x.add_argument("--router-loss-power", type=float, default=d.router_loss_power,
                    help="share**power in the router loss (2 = the paper's squared form)")
     p.add_argument("--subject-route-weight", type=float, default=d.subject_route_weight,
                    help="-log(share) on subject pixels: rewards routing the subject to the expert (README)")
@@ -49,17 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background-effect-weight", type=float, default=d.background_effect_weight,
                    help="squared change of eps against the base model outside the subjects (one extra "
                         "UNet forward per step)")
-    p.add_argument("--router-margin", type=float, default=d.router_margin,
+    x.add_argument("--router-margin", type=float, default=d.router_margin,
                    help="a fresh router's logit margin towards the prior (4: share 0.018)")
-    p.add_argument("--subject-x0-weight", type=float, default=d.subject_x0_weight,
+    x.add_argument("--subject-x0-weight", type=float, default=d.subject_x0_weight,
                    help="weight of the subject's error in x0 units: eps error x (1 - abar) / abar, capped. "
                         "Identity is decided at high noise, where the eps loss barely sees it")
-    p.add_argument("--effect-x0-weight", type=float, default=d.effect_x0_weight,
+    x.add_argument("--effect-x0-weight", type=float, default=d.effect_x0_weight,
                    help="weight of the change against the base model outside the subjects in x0 units (the "
                         "picture the sampler heads for), capped like --subject-x0-weight")
-    p.add_argument("--x0-weight-cap", type=float, default=d.x0_weight_cap,
+    x.add_argument("--x0-weight-cap", type=float, default=d.x0_weight_cap,
                    help="cap of the (1 - abar) / abar factor of the x0-unit terms (20: reached at t=771)")
-    p.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default=d.timestep_bias,
+    x.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default=d.timestep_bias,
                    help="timestep sampling: uniform, or cubic (t = 1000 (1 - u^3), as T2I-Adapter trains: "
                         "more steps at high noise, where layout and identity are decided)")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples,
