@@ -107,3 +107,23 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
     assert Image.open(tmp_path / "run" / "grid_swap.png").size[0] == 2 + 6 * (16 * 8 + 2)
     assert results["train_summary"]["steps"] == 4
     assert "reusing the base model" in again and "training the base model" not in again
+
+
+def test_a_cached_base_naming_a_retired_option_is_reused_only_if_it_trained_as_now(tmp_path):
+    """Cached bases of older versions name min_snr_gamma: at 0 (off) the file is today's config and
+    the run reuses it; at another value it matches no config (the run trains a new base), and
+    loading it directly says what to do."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from experiments.toy_world import base as base_mod
+    cfg = base_mod.BaseConfig(steps=30)
+    for gamma, expected in ((0.0, cfg), (5.0, None)):
+        path = tmp_path / f"base_{gamma}.safetensors"
+        meta = {"config": json.dumps({**asdict(cfg), "min_snr_gamma": gamma})}
+        save_file({"w": torch.zeros(1)}, str(path), metadata=meta)
+        assert base_mod.cached_config(path) == expected
+    with pytest.raises(ValueError, match=r"min_snr_gamma.*train it again"):
+        base_mod.load_base(path, "cpu")
+    assert base_mod.cached_config(tmp_path / "missing.safetensors") is None

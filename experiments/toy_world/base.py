@@ -33,7 +33,6 @@ class BaseConfig:
     warmup: int = 100
     caption_dropout: float = 0.1
     ema: float = 0.995               # decay of an exponential moving average of the weights (0: off)
-    min_snr_gamma: float = 0.0       # Min-SNR weighting min(SNR, gamma) / SNR (0: off; 5 was no better)
     x0_weight_cap: float = 20.0      # weight max(1, min((1 - abar) / abar, cap)): x0 units at high noise
     low_freq_noise: float = 0.3      # multi-scale noise weight (offset noise at 1x1, 2x2 and 4x4 blocks)
     seed: int = 0
@@ -112,7 +111,7 @@ def training_noise(shape: tuple, g: torch.Generator, low_freq: float) -> torch.T
     return noise / (1 + 3 * low_freq ** 2) ** 0.5
 
 
-def train_base(cfg: BaseConfig, out: Path, log_every: int = 100, save_every: int = 0) -> Path:
+def train_base(cfg: BaseConfig, out: Path, log_every: int = 100) -> Path:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     unet = model.diffusion_model
@@ -144,9 +143,6 @@ def train_base(cfg: BaseConfig, out: Path, log_every: int = 100, save_every: int
             # an eps error e at high noise is an x0 error e sqrt((1 - abar) / abar): the eps loss
             # hardly sees the caption's layout there, yet sampling from noise starts there
             weight = ((1 - abar) / abar).clamp(1.0, cfg.x0_weight_cap)
-        elif cfg.min_snr_gamma:
-            # Hang et al. 2023: low-noise steps (easy, many) stop dominating the gradient
-            weight = (abar / (1 - abar)).clamp(max=cfg.min_snr_gamma) / (abar / (1 - abar))
         else:
             weight = torch.ones_like(abar)
         loss = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
@@ -165,8 +161,6 @@ def train_base(cfg: BaseConfig, out: Path, log_every: int = 100, save_every: int
             print(f"base step {step + 1}/{cfg.steps} loss {running / log_every:.4f} "
                   f"{(step + 1) / el:.2f} steps/s", flush=True)
             running = 0.0
-        if save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
-            save_base(model, cfg, out.with_name(f"{out.stem}.step{step + 1}{out.suffix}"), ema, params)
     save_base(model, cfg, out, ema, params)
     return out
 
@@ -184,12 +178,28 @@ def save_base(model, cfg: BaseConfig, path: Path, ema: list | None = None, param
     tmp.replace(path)
 
 
+#: options that cached files of older versions may still name, with the value that trains as the
+#: current code does: a file made with another value matches no current config
+RETIRED = {"min_snr_gamma": 0.0}
+
+
+def _stored_config(path: Path) -> BaseConfig | None:
+    """The BaseConfig a cached file was trained with; None when it used a retired option."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        stored = json.loads(f.metadata()["config"])
+    if any(stored.pop(key, same) != same for key, same in RETIRED.items()):
+        return None
+    return BaseConfig(**stored)
+
+
 def load_base(path: Path, device: str = "auto"):
     """(BaseModel, BaseConfig) from a cached file; the UNet frozen, in eval mode."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
-    with safe_open(str(path), framework="pt") as f:
-        cfg = BaseConfig(**json.loads(f.metadata()["config"]))
+    cfg = _stored_config(path)
+    if cfg is None:
+        raise ValueError(f"{path} was trained with an option this version no longer has ({', '.join(RETIRED)}): "
+                         f"train it again with python -m experiments.toy_world.base --out {path}")
     model = build_model(cfg, device)
     model.diffusion_model.load_state_dict(load_file(str(path)))
     model.diffusion_model.eval().requires_grad_(False)
@@ -197,11 +207,8 @@ def load_base(path: Path, device: str = "auto"):
 
 
 def cached_config(path: Path) -> BaseConfig | None:
-    from safetensors import safe_open
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        return BaseConfig(**json.loads(f.metadata()["config"]))
+    """The config of the cached base at `path`; None when there is none to reuse."""
+    return _stored_config(path) if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,15 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in asdict(d).items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v) if not isinstance(v, bool) else int, default=v)
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=0, help="also keep intermediate files")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads (default: all cores; alone on 2 cores 2 threads ran 2.8 steps/s vs 1.6 "
                         "with 1, but with other jobs on the cores use 1: 2 threads then took 10 s/step)")
     ns = p.parse_args(argv)
     cfg = BaseConfig(**{k: (bool(v) if isinstance(getattr(d, k), bool) else v)
-                        for k, v in vars(ns).items() if k not in ("out", "log_every", "save_every", "threads")})
+                        for k, v in vars(ns).items() if k not in ("out", "log_every", "threads")})
     torch.set_num_threads(ns.threads)
-    train_base(cfg, ns.out, ns.log_every, ns.save_every)
+    train_base(cfg, ns.out, ns.log_every)
     print(f"wrote {ns.out}")
     return 0
 
