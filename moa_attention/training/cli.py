@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="fixes data order, noise and init")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute transformer blocks in "
-                                                                          "backward (less memory, ~30%% slower)")
+                                                                          "backward (less memory, more compute)")
     x = p.add_argument_group("experimental", "research knobs: the defaults are the tested recipe (the x0 terms "
                                              "and the cubic schedule off); why each: docs/training.md")
     p.add_argument("--router-loss-weight", type=float, default=d.router_loss_weight,
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--router-loss-power", type=float, default=d.router_loss_power,
                    help="share**power in the router loss (2 = the paper's squared form)")
     p.add_argument("--subject-route-weight", type=float, default=d.subject_route_weight,
-                   help="-log(share) on subject pixels: rewards routing the subject to the expert (README)")
+                   help="-log(share) on subject pixels: rewards routing the subject to the expert")
     p.add_argument("--object-loss-weight", type=float, default=d.object_loss_weight,
                    help="FastComposer's balanced-L1 object loss on the subject tokens' cross-attention")
     p.add_argument("--subject-loss-weight", type=float, default=d.subject_loss_weight,

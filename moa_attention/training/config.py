@@ -13,7 +13,7 @@ class TrainConfig:
     clip_vision: Path                            # CLIP ViT-L/14 vision model, loaded by ComfyUI
     data: Path                                   # dataset folder with manifest.jsonl
     output_dir: Path
-    expert: str = "lowrank"                      # "full" as in the paper; "lowrank" is 10x smaller
+    expert: str = "lowrank"                      # "full" as in the paper; "lowrank" a rank-r delta, far smaller
     rank: int = 64
     resolution: int = 512                        # the paper trains SD1.5 at 512
     batch_size: int = 1                          # per process
@@ -24,7 +24,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"                  # "no", "fp16" (CUDA), "bf16"
     gradient_checkpointing: bool = False
-    # loss defaults: measured on the toy world (README "Losses"; experiments/toy_world)
+    # loss defaults: chosen on the toy world (why each: docs/training.md, "Losses, and why each one")
     router_loss_weight: float = 2.0              # background share (the paper's router loss)
     router_loss_power: float = 1.0               # 2 = the paper's squared form
     subject_route_weight: float = 0.3            # -log(share) on subject pixels (ours)

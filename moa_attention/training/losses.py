@@ -1,5 +1,5 @@
-"""MoA's training losses (see the spec and README "Losses"): denoising, router, subject routing,
-object and background-effect loss.
+"""MoA's training losses (the spec; why each: docs/training.md): denoising, router, subject
+routing, object and background-effect loss, and the experimental x0-unit terms.
 
 Every loss is a mean over the batch of a per-example value, so data-parallel ranks with batch b
 (DDP averages their gradients) train exactly like one process with batch N*b."""
@@ -54,9 +54,9 @@ def x0_scale(alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
 
 def subject_x0_loss(pred: torch.Tensor, target: torch.Tensor, subject_masks: torch.Tensor,
                     alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
-    """The subject's denoising error in x0 units (ours). Measured on the toy world: with the eps
-    loss alone, the subject's x0 error at t=900 on unseen identities stayed within 3% of the base
-    model's (the reference's identity was hardly used); this term brought it to 17-20% below."""
+    """The subject's denoising error in x0 units (ours, experimental). Identity is decided at high
+    noise, where the eps loss barely sees the subject's error, so with the eps loss alone the
+    adapter can leave the reference's identity unused."""
     inside = _masked_mean(_squared_error(pred, target), subject_masks.amax(dim=1).flatten(1))
     return (inside * x0_scale(alphas_cumprod, cap)).mean()
 
@@ -89,8 +89,9 @@ def subject_route_loss(captured: list[Captured], subject_masks: torch.Tensor, la
 
     The paper only penalises the background share; nothing rewards routing the subject to
     the expert, and a penalty on the background alone is met just as well by a share that
-    falls everywhere (measured: AUROC 0.49, hard routing == base model). This term makes the
-    share high *and confident* where the subject is (hard routing then agrees with soft).
+    falls everywhere (it then tells subject from background no better than chance, and hard
+    routing is the base model). This term makes the share high *and confident* where the
+    subject is (hard routing then agrees with soft).
     Pixels count by how much of them the mask covers at the layer's resolution."""
     terms = []
     for c in captured:

@@ -145,8 +145,8 @@ def enable_checkpointing(diffusion_model: nn.Module) -> None:
 
 EVAL_TIMESTEPS = (200, 400, 600, 800)
 #: the share is judged where the picture's layout is still being decided but the subject is
-#: visible: at t <= 600 (toy-world measurement: a supervised router reaches AUROC 0.93 at
-#: t 500-700 but only 0.87 at 700-900, where the noisy latent barely shows the subject)
+#: visible: at t <= 600. Above it the noisy latent barely shows the subject, and even a router
+#: trained on the masks separates it less well (docs/training.md, "The run folder")
 AUROC_MAX_T = 600
 
 
