@@ -25,8 +25,8 @@ class BaseConfig:
     model_channels: int = 32
     levels: int = 2
     middle: bool = True
-    # the trained adapter's context change out/in follows the base: 0.29 at 1,000 steps, 0.20 at
-    # 1,500, 0.17 at 2,000, 0.18 at 2,500 (README, toy world)
+    # the better the base knows its scenes, the less an adapter's subject changes the context;
+    # no gain beyond 2,000 steps (README.md, "What sets the context ratio")
     steps: int = 2000
     batch_size: int = 16
     lr: float = 1.5e-3
@@ -98,9 +98,9 @@ def training_noise(shape: tuple, g: torch.Generator, low_freq: float) -> torch.T
 
     At SD1.5's last timestep (abar 0.0047) a 16x16 latent still leaks its colours through the mean
     of the noisy input: the mean of 256 noise pixels has std 0.06, about what 0.07 x a colour adds.
-    Trained on plain noise the base read its colours from that leak, and sampling from fresh
-    noise drew the caption's layout in random colours (mean colour off by 0.85; 0.51 with the
-    noise's mean removed). With block noise the leak is buried and the caption has to say it."""
+    Trained on plain noise the base reads its colours from that leak, and sampling from fresh
+    noise then draws the caption's layout in random colours. With block noise the leak is buried
+    and the caption has to say it."""
     noise = torch.randn(shape, generator=g)
     if not low_freq:
         return noise
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v) if not isinstance(v, bool) else int, default=v)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="torch threads (default: all cores; alone on 2 cores 2 threads ran 2.8 steps/s vs 1.6 "
-                        "with 1, but with other jobs on the cores use 1: 2 threads then took 10 s/step)")
+                   help="torch threads (default: all cores; use 1 when other jobs share the cores, where "
+                        "more threads wait on each other and run slower)")
     ns = p.parse_args(argv)
     cfg = BaseConfig(**{k: (bool(v) if isinstance(getattr(d, k), bool) else v)
                         for k, v in vars(ns).items() if k not in ("out", "log_every", "threads")})

@@ -1,8 +1,7 @@
 """The toy world's identity encoder, in place of CLIP ViT-L/14.
 
-Why not the test suite's random ViT-L/14: it carries identity only in a tiny residual (issue
-#10 measured raw cosine 0.998 same identity vs 0.993 different; nearest-neighbour identity
-accuracy 0.76), so a failure could not tell "the trainer can't learn" from "the encoder is too
+Why not the test suite's random ViT-L/14: it carries identity only in a tiny residual (README.md,
+"The world"), so a failure could not tell "the trainer can't learn" from "the encoder is too
 weak". An identity here *is* a colour pair and a texture pattern, so the encoder measures
 exactly that, invariant to position and size:
 

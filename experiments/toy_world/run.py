@@ -1,4 +1,4 @@
-"""Issue #10's experiment: does the trainer learn MoA on a world where we know the answer?
+"""The toy-world experiment: does the trainer learn MoA on a world where we know the answer?
 
     python -m experiments.toy_world.run --out runs/toy
 
@@ -37,8 +37,8 @@ from . import data, encoder, world
 
 T_RANGES = ((100, 300), (300, 500), (500, 700), (700, 900))
 #: DDIM clips its x0 estimate to the toy latents' range (|values| < 4; "clip denoised", as DDPM
-#: samplers do for pixels): a small base model's eps at t ~ 999 is off by more than 1/sqrt(a_t)
-#: can afford, and unclipped first steps left 20-step samples as noise
+#: samplers do for pixels): near t = 999 the x0 estimate multiplies a small base model's eps
+#: error by 1/sqrt(a_t), and unclipped first steps can leave the whole sample noise
 X0_CLAMP = 4.0
 MAX_OBJECT_PIXELS = 80
 

@@ -1,4 +1,4 @@
-"""A synthetic world small enough to train an SD1.5-shaped UNet on 2 CPU cores.
+"""A synthetic world small enough to train an SD1.5-shaped UNet on a CPU.
 
 Scenes are rendered directly as 4-channel 16x16 "latents" (no VAE):
 
@@ -31,8 +31,8 @@ CLASS_POSITION = 2                          # "<bos> a {class} in the {backgroun
 WORLD_SEED = 1234                           # fixes word embeddings and background colours
 NOISE = 0.05                                # per-pixel render noise
 #: colours are scaled so a scene's latent has a standard deviation near 1, as SD1.5's scaled
-#: latents do: with the first toy scale (std 0.58) the base model's x0 estimate at t=999 was off
-#: by 16x the data variance and 20-step DDIM samples were noise
+#: latents do: SD1.5's noise schedule assumes that variance, and a smaller one throws the base
+#: model's x0 estimate at t=999 far off, so samples from noise stay noise
 COLOUR_NORM = 2.8
 
 
@@ -94,9 +94,8 @@ def embed(tokens: list[str]) -> torch.Tensor:
 
     Contextual like CLIP's causal transformer: token i holds its word and a summary of the
     caption up to i, so <eos> and the padding carry the whole caption, as they do in SD1.5's
-    prompts; plain per-word vectors named the background in one token of eight. (This alone
-    did not make the base draw the caption's background from noise: the colour leak did, see
-    base.training_noise.)"""
+    prompts, instead of one token of eight naming the background. (Drawing the background from
+    noise also needs base.training_noise.)"""
     table = word_embeddings()
     words = torch.stack([table[t] for t in tokens])
     summary = words.cumsum(0) / torch.arange(1, len(tokens) + 1).float().sqrt()[:, None]
