@@ -13,8 +13,10 @@ high-water mark and MoA's memory overhead vs the adapter size (report.py); then 
 extra time goes (router, expert, mix), from torch.profiler regions (timing.py).
 
     .venv/bin/python bench/bench_moa.py --quick            # tiny UNet, seconds
-    .venv/bin/python bench/bench_moa.py                    # full SD1.5, lowrank r64, ~4 min on 2 cores
-    .venv/bin/python bench/bench_moa.py --expert both      # + full experts, ~7 min on 2 cores
+    .venv/bin/python bench/bench_moa.py                    # full SD1.5, lowrank r64, minutes on a CPU
+    .venv/bin/python bench/bench_moa.py --expert both      # + full experts
+
+Results and how to read them: bench/README.md.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Headline: the PLAIN ratio, MoA's UNet seconds per step over the unpatched model'
 within each interleaved repeat; the median over repeats, with the min-max spread. Beside it,
 labelled as corrected, the "in-step" ratio: the unpatched step's non-attention time plus this
 configuration's attention layers and MoA wrapper, over the unpatched step. All of MoA's work
-is inside those, and the rest of the UNet is identical work, so it is not moved by the shared
-machine speeding up or slowing down between steps.
+is inside those, and the rest of the UNet is identical work, so it is not moved by the
+machine speeding up or slowing down between steps (other jobs, clock changes).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """MoA Evaluate: identity, prompt fidelity and context preservation of generated pictures, as text
-and a small comparison grid (README: "Evaluation numbers")."""
+and a small comparison grid (how to read them: docs/evaluation.md)."""
 from __future__ import annotations
 
 import torch
@@ -58,7 +58,7 @@ class MoAEvaluate:
                    "similarity for any subject), prompt fidelity (CLIP image-text score) and context preservation "
                    "(change inside vs outside the subject against a baseline made with the same seed without the "
                    "subject or at strength 0, and the router's background share). Connect what you have: each "
-                   "number is computed when its inputs are there. The README's 'Evaluation numbers' says how to "
+                   "number is computed when its inputs are there. The pack's docs/evaluation.md says how to "
                    "read them.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING", "IMAGE")

@@ -31,7 +31,7 @@ stamp_value() {
   cat "$CONSTRAINTS" "$TOOLS_CONSTRAINTS" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1
 }
 
-pip_install() { # pip with the pins; drops one harmless warning this machine's pip config prints
+pip_install() { # pip with the pins; drops pip's harmless warning about a configured find-links path that does not exist
   "$PY" -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" "$@" 2>&1 \
     | sed '/is ignored: it is neither a file nor a directory/d'
 }

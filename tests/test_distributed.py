@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 #: fp32 adapters (the step-4 checkpoints) of 1 process vs 2 get the same gradients summed in another
 #: order (equal to ~1e-7); AdamW divides by sqrt(v), so where a gradient is ~0 that rounding shows
-#: up in the update. Measured: 5.6e-5, with the last two steps moving weights by up to ~4e-3. The
-#: bound: 2% of what two steps of training move, and never more than 2e-4.
+#: up in the update (the torchrun test prints the difference beside what the last two steps moved).
+#: The bound: 2% of what two steps of training move, and never more than 2e-4.
 RELATIVE_TO_UPDATE = 0.02
 ADAPTER_ATOL = 2e-4
 LOSS_RTOL = 1e-4

@@ -79,7 +79,7 @@ def test_morph_sequence_renders_one_image_per_factor(server, app_inputs):
 
 
 def save_overlay_picture(server, entry: dict) -> None:
-    """docs/router_map_overlay.png for the README: the picture, the router map over it (all subjects), and each
+    """docs/router_map_overlay.png for docs/applications.md: the picture, the router map over it (all subjects), and each
     subject's map, side by side (tiny random models: it shows what the node gives, not a trained adapter)."""
     from PIL import Image, ImageDraw
 

@@ -1,6 +1,6 @@
 """MoA installed on a ComfyUI ModelPatcher clone.
 
-Mechanism (chosen after measuring the alternatives, see the README's design notes):
+Mechanism (why each choice: docs/design.md, "How it is installed"):
 - attention modules are swapped with `add_object_patch`, because MoA needs the raw hidden
   states and its own projections, which attn1/attn2 *replace* patches never see;
 - the adapter is a separate ModelPatcher in `additional_models`, so ComfyUI moves and
