@@ -31,7 +31,7 @@ from collections import defaultdict
 import report
 from memory import PeakRSS, human, live_tensor_peak_mode, rss_after_trim
 from timing import StepInstruments, profiled
-from unet import (COMFY_DIR, adapter_bytes, build_configs, import_comfy, import_pack, make_adapter,
+from unet import (COMFY_DIR, ComfyUIMissing, adapter_bytes, build_configs, import_comfy, import_pack, make_adapter,
                   make_conditioning, unet_config)
 
 
@@ -126,7 +126,11 @@ def main() -> int:
     args = parse_args()
     t_start = time.perf_counter()
     print(f"importing ComfyUI from {COMFY_DIR} ...", flush=True)
-    bench = Bench(args)
+    try:
+        bench = Bench(args)
+    except ComfyUIMissing as e:
+        print(e, file=sys.stderr)
+        return 1
     import torch
     names = list(bench.configs)
     print(f"\n{len(names)} configurations x {args.repeats} repeats, {args.steps} step(s) each, "

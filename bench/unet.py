@@ -19,20 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))     # support.* (no pytest needed)
 
-from support.runtime import COMFY_DIR, ComfyUIMissing  # noqa: E402
+from support.runtime import COMFY_DIR, ComfyUIMissing  # noqa: E402,F401  (re-exported for bench_moa)
 from support.runtime import import_comfy as _import_comfy  # noqa: E402
 from support.runtime import import_pack  # noqa: E402,F401  (re-exported for bench_moa)
 
-__all__ = ["COMFY_DIR", "import_comfy", "import_pack", "unet_config", "make_adapter", "adapter_bytes",
+__all__ = ["COMFY_DIR", "ComfyUIMissing", "import_comfy", "import_pack", "unet_config", "make_adapter", "adapter_bytes",
            "region_mask", "Conditioning", "make_conditioning", "build_configs"]
 
 
 def import_comfy():
     """ComfyUI in-process, as tests/conftest.py does (CPU, SDPA attention), without progress bars."""
-    try:
-        nodes = _import_comfy()
-    except ComfyUIMissing as e:
-        sys.exit(str(e))
+    nodes = _import_comfy()
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
     return nodes

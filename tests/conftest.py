@@ -1,7 +1,8 @@
 """Test harness: the real ComfyUI (in-process and as a headless server) on tiny SD1.5 models.
 
 - `comfy` (session): ComfyUI 0.3.75 from .dev/ComfyUI imported in-process, CPU, SDPA attention,
-  its built-in nodes registered, and this pack imported as the package `comfyui_moa`.
+  its built-in nodes registered, and this pack imported as the package `comfyui_moa` (its only
+  name in a test session: a top-level `moa_attention` import is refused).
 - `tiny_model`: a 2-level SD1.5-architecture UNet (model_channels 32) built without files.
 - `models_base` (session): a ComfyUI base directory with real .safetensors files in models/.
 - `server_inputs` (session): photos + masks in the base's input/ and a tiny adapter in models/moa.
@@ -26,8 +27,10 @@ from support import runtime  # noqa: E402
 from support.runtime import COMFY_DIR, ROOT  # noqa: E402
 from support.waits import minutes, wait_for  # noqa: E402
 
-# the engine as a top-level package too (`python -m moa_attention.train` imports it so); appended,
-# because ComfyUI's own `nodes` module must win over this pack's `nodes/` folder
+# every test imports the pack as `comfyui_moa`, the name its nodes run under (one copy of each module)
+runtime.register_pack()
+# the repository root for `experiments`; appended, because ComfyUI's own `nodes` module must win
+# over this pack's `nodes/` folder
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 

@@ -1,13 +1,16 @@
 """The layering the README describes, checked by reading every import of the pack's code.
 
 nodes/ -> moa_attention/comfyui/ -> moa_attention/engine/; training/ is offline and nothing but
-its command-line entry point imports it; the engine never imports ComfyUI.
+its command-line entry point imports it; the engine never imports ComfyUI; only nodes/ and
+comfyui/ (its bootstrap included) import ComfyUI. Outside the pack, tests, bench, scripts and
+experiments import it under one name, `comfyui_moa`, and a test session holds one copy of it.
 """
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,61 @@ def test_the_engine_imports_with_plain_torch():
                           cwd=ROOT / "tests")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LOADED []" in proc.stdout, proc.stdout
+
+
+def _files_outside_the_pack(*folders: str) -> list[Path]:
+    return [f for folder in folders for f in sorted((ROOT / folder).rglob("*.py"))]
+
+
+def test_only_nodes_and_the_comfyui_layer_import_comfyui():
+    """Training, evaluation, faces and the experiments reach ComfyUI through moa_attention/comfyui/
+    (its bootstrap starts ComfyUI for every entry point). bench/ is left out: it measures ComfyUI
+    itself, through hooks on ComfyUI's attention and wrappers."""
+    bad = []
+    for name, path in MODULES.items():
+        if layer_of(name) in ("nodes", "comfyui"):
+            continue
+        bad += [f"{name} imports {target}" for target, inside in imports_of(name, path)
+                if not inside and target.split(".")[0] in COMFYUI_MODULES]
+    for path in _files_outside_the_pack("experiments"):
+        bad += [f"{path.relative_to(ROOT)} imports {target}" for target, inside in imports_of("experiments.x", path)
+                if not inside and target.split(".")[0] in COMFYUI_MODULES]
+    assert not bad, bad
+
+
+def test_code_outside_the_pack_imports_it_as_comfyui_moa_only():
+    """tests/, bench/, scripts/ and experiments/ import `comfyui_moa.moa_attention`, never a top-level
+    `moa_attention` (the `python -m moa_attention.train` commands they start run in processes of
+    their own)."""
+    bad = []
+    for path in _files_outside_the_pack("tests", "bench", "scripts", "experiments"):
+        bad += [f"{path.relative_to(ROOT)} imports {target}" for target, inside in imports_of("x", path)
+                if not inside and target.split(".")[0] == "moa_attention"]
+    assert not bad, bad
+
+
+def test_a_test_session_loads_each_pack_module_once_under_one_name(pack):
+    """After the nodes (the pack's own __init__), the trainer, the evaluation command and the toy
+    world are imported, every file of the repository is one module, all under `comfyui_moa` (or
+    `experiments`), with one MoAError class; a top-level `moa_attention` import is refused."""
+    import importlib
+    for module in ("comfyui_moa.moa_attention.training.cli", "comfyui_moa.moa_attention.training.loop",
+                   "comfyui_moa.moa_attention.evaluation.cli", "experiments.toy_world.run"):
+        importlib.import_module(module)
+    from comfyui_moa.moa_attention.engine.errors import MoAError
+    from comfyui_moa.nodes import common
+    assert common.MoAError is MoAError
+    by_file = defaultdict(list)
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).is_absolute() and Path(file).resolve().is_relative_to(ROOT):
+            by_file[Path(file).resolve()].append(name)
+    pack_files = {f: names for f, names in by_file.items() if not f.is_relative_to(ROOT / "tests")}
+    assert len(pack_files) > 40, sorted(pack_files)
+    assert all(len(names) == 1 for names in pack_files.values()), {f: n for f, n in pack_files.items() if len(n) > 1}
+    assert all(n.split(".")[0] in ("comfyui_moa", "experiments") for (n,) in pack_files.values()), pack_files
+    errors = {m.MoAError for (n,) in pack_files.values() if isinstance(getattr(m := sys.modules[n], "MoAError", None),
+                                                                         type)}
+    assert errors == {MoAError}
+    with pytest.raises(ImportError, match="import the pack as comfyui_moa.moa_attention"):
+        importlib.import_module("moa_attention")

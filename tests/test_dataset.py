@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_good_dataset_has_no_problems(tmp_path):
-    from moa_attention.training.dataset import read_manifest
+    from comfyui_moa.moa_attention.training.dataset import read_manifest
     records, problems = read_manifest(write_dataset(tmp_path, n=3))
     assert problems == []
     assert [r.line for r in records] == [1, 2, 3]
@@ -24,7 +24,7 @@ def test_a_good_dataset_has_no_problems(tmp_path):
 
 
 def test_each_bad_row_is_reported_with_its_line(tmp_path):
-    from moa_attention.training.dataset import read_manifest
+    from comfyui_moa.moa_attention.training.dataset import read_manifest
     root = write_dataset(tmp_path, n=1, two_subjects_every=0)
     good = json.loads((root / "manifest.jsonl").read_text().splitlines()[0])
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / "small.png")

@@ -126,7 +126,7 @@ def test_cli_writes_the_table_and_per_row_errors(folder):
 
 
 def test_cli_refuses_a_missing_manifest_and_face_folder(folder, tmp_path):
-    from moa_attention.evaluation.cli import main
+    from comfyui_moa.moa_attention.evaluation.cli import main
     assert main([str(tmp_path)]) == 2
     d, root = folder
     assert main([str(d), "--face-model", "buffalo_l", "--insightface", str(root)]) == 2
@@ -147,7 +147,7 @@ def _text_encoder_file(path: Path, projection: bool) -> Path:
 
 
 def test_cli_clip_numbers_and_a_text_encoder_without_projection(comfy, models_base, folder, tmp_path, capsys):
-    from moa_attention.evaluation.cli import main
+    from comfyui_moa.moa_attention.evaluation.cli import main
     d, _ = folder
     _, info = models_base
     vision = str(info["clip_vision_path"])
@@ -173,7 +173,7 @@ def test_cli_clip_numbers_and_a_text_encoder_without_projection(comfy, models_ba
 def test_the_prompt_score_uses_the_files_text_projection(comfy, tmp_path):
     """The text embedding is CLIP's projected EOS embedding, with the projection read from the file."""
     from safetensors import safe_open
-    from moa_attention.comfyui import clip_scores
+    from comfyui_moa.moa_attention.comfyui import clip_scores
     path = _text_encoder_file(tmp_path / "clip_l_full.safetensors", projection=True)
     clip = clip_scores.load_text_encoder(path)
     assert clip_scores.load_text_encoder(path) is clip                              # cached
@@ -191,7 +191,7 @@ def test_the_prompt_score_uses_the_files_text_projection(comfy, tmp_path):
 
 
 def test_cli_argument_errors_exit_2(folder, tmp_path, capsys):
-    from moa_attention.evaluation.cli import main
+    from comfyui_moa.moa_attention.evaluation.cli import main
     d, _ = folder
     assert main([str(d), "--text-encoder", str(tmp_path / "x.safetensors")]) == 2
     assert "--text-encoder needs --clip-vision" in capsys.readouterr().err

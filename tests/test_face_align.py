@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _engine():
-    # the engine as the top-level package conftest puts on sys.path (same code as comfyui_moa.moa_attention)
-    from moa_attention.faces import align as face_align
+    # imported with plain torch: no ComfyUI needed for the face code itself
+    from comfyui_moa.moa_attention.faces import align as face_align
     return face_align
 
 

@@ -19,7 +19,7 @@ KNOWN_FACE_BOX = (177, 66, 272, 178)        # the astronaut's face, read off the
 
 @pytest.fixture(scope="module")
 def recognizer(face_root):
-    from moa_attention.faces import identity
+    from comfyui_moa.moa_attention.faces import identity
     return identity.load_face_recognizer(face_root, "fakeface")
 
 
@@ -32,7 +32,7 @@ def astronaut():
 def test_the_recognizer_is_insightfaces_arcface_on_the_folders_file(recognizer, face_root):
     from insightface.app import FaceAnalysis
     from insightface.model_zoo.arcface_onnx import ArcFaceONNX
-    from moa_attention.faces import identity
+    from comfyui_moa.moa_attention.faces import identity
     assert type(recognizer) is FaceAnalysis
     assert set(recognizer.models) == {"detection", "recognition"}
     assert type(recognizer.models["recognition"]) is ArcFaceONNX
@@ -42,7 +42,7 @@ def test_the_recognizer_is_insightfaces_arcface_on_the_folders_file(recognizer, 
 
 def test_astronaut_identical_is_one_and_a_different_subject_is_less(recognizer, astronaut):
     from skimage import data
-    from moa_attention.faces import identity
+    from comfyui_moa.moa_attention.faces import identity
     ref = identity.face_identity(astronaut, recognizer, KNOWN_FACE_BOX, "reference")
     np.testing.assert_allclose(ref.bbox, ASTRONAUT_BBOX, atol=1.0)      # the box picked the astronaut's face
     same = identity.face_identity(astronaut.copy(), recognizer, KNOWN_FACE_BOX, "picture")
@@ -63,7 +63,7 @@ def test_astronaut_identical_is_one_and_a_different_subject_is_less(recognizer, 
 
 
 def test_face_box_selects_the_face_and_says_when_none_is_inside(recognizer, astronaut):
-    from moa_attention.faces import identity
+    from comfyui_moa.moa_attention.faces import identity
     largest = identity.face_identity(astronaut, recognizer)
     decoy = identity.face_identity(astronaut, recognizer, DECOY_BBOX)
     assert largest.bbox[0] == pytest.approx(ASTRONAUT_BBOX[0], abs=1) and decoy.bbox[0] >= DECOY_BBOX[0] - 1
@@ -75,14 +75,14 @@ def test_face_box_selects_the_face_and_says_when_none_is_inside(recognizer, astr
 
 
 def test_no_face_is_a_clear_error(recognizer):
-    from moa_attention.faces import identity
+    from comfyui_moa.moa_attention.faces import identity
     flat = np.full((256, 256, 3), 0.5, np.float32)
     with pytest.raises(identity.FaceNotFoundError, match=r"picture 3: no face found \(256x256 pixels\)"):
         identity.face_identity(flat, recognizer, None, "picture 3")
 
 
 def test_a_folder_without_the_recognition_model_names_the_file(tmp_path):
-    from moa_attention.faces import identity
+    from comfyui_moa.moa_attention.faces import identity
     build_detector(tmp_path / "models" / "buffalo_l" / "det_10g.onnx")
     with pytest.raises(identity.FaceModelError) as e:
         identity.load_face_recognizer(tmp_path, "buffalo_l")

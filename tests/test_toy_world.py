@@ -5,16 +5,11 @@ is the same everywhere has AUROC 0.5 and changes every pixel alike)."""
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # A share that is the same everywhere scores AUROC 0.5 and a 1x share ratio, and a collapsed run
 # changes the inside about as much as the outside, so these thresholds cannot be met without
@@ -40,8 +35,9 @@ def one_thread():
 def toy_run(comfy, tmp_path_factory):
     from experiments.toy_world import base as base_mod
     from experiments.toy_world import data, world
-    from moa_attention.training.config import TrainConfig
-    from moa_attention.training.loop import train_adapter
+    from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+    from comfyui_moa.moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.loop import train_adapter
     out = tmp_path_factory.mktemp("toy")
     with one_thread():
         # the plain recipe (no EMA, eps loss, Gaussian noise): localisation needs a base that knows
@@ -54,7 +50,7 @@ def toy_run(comfy, tmp_path_factory):
         unseen = data.make_examples(world.identities(16, 13), 1, 14)
         cfg = TrainConfig(Path(), Path(), Path(), out / "adapter", rank=8, batch_size=4, lr=2e-3, steps=100, seed=0,
                           checkpoint_every=0, log_every=10, device="cpu", eval_examples=len(unseen))
-        assert train_adapter(cfg, model.diffusion_model, base_mod.alphas_cumprod(model), train, "cpu",
+        assert train_adapter(cfg, model.diffusion_model, alphas_cumprod(model), train, "cpu",
                              eval_examples=unseen) == 0
     return out / "adapter"
 

@@ -36,8 +36,8 @@ def train_args(env, out: Path, *extra: str) -> list[str]:
 
 
 def run_in_process(args: list[str]) -> int:
-    from moa_attention.training.cli import parse_args
-    from moa_attention.training.loop import run
+    from comfyui_moa.moa_attention.training.cli import parse_args
+    from comfyui_moa.moa_attention.training.loop import run
     return run(parse_args(args))
 
 
@@ -57,7 +57,7 @@ def _placement(module: torch.nn.Module) -> set:
 def trained(train_env, tmp_path_factory, comfy):
     """12 steps with a sample through ComfyUI's sampler in the middle (step 6) and at the end: the
     sampler unloads the base model (to the offload device) and the loop must go on training."""
-    import moa_attention.training.loop as loop
+    import comfyui_moa.moa_attention.training.loop as loop
     real = loop.write_sample
 
     def recording(cfg, model, vae, loaded, example, step, device):
@@ -111,11 +111,12 @@ def test_step_casts_inputs_to_a_half_precision_unet(comfy):
     BaseModel._apply_model does) and still compute the losses in fp32. bf16 stands in for fp16
     on the CPU."""
     from support.model_factory import build_sd15_model_patcher, tiny_unet_config
-    from moa_attention.engine.adapter import init_adapter_from_unet
-    from moa_attention.engine.layer import install_layers
-    from moa_attention.training.config import TrainConfig
-    from moa_attention.training.encode import Example
-    from moa_attention.training.step import MoATrainStep, draw
+    from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.engine.layer import install_layers
+    from comfyui_moa.moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.encode import Example
+    from comfyui_moa.moa_attention.training.step import MoATrainStep, draw
     model = build_sd15_model_patcher(tiny_unet_config(model_channels=32, levels=1), seed=0, dtype=torch.bfloat16)
     unet = model.model.diffusion_model.requires_grad_(False)
     assert next(unet.parameters()).dtype == torch.bfloat16
@@ -126,8 +127,7 @@ def test_step_casts_inputs_to_a_half_precision_unet(comfy):
     examples = [Example(torch.randn(4, 8, 8), torch.randn(77, 768), [[2]], [torch.randn(768)], masks, "a dog")
                 for _ in range(2)]
     cfg = TrainConfig(Path(), Path(), Path(), Path(), batch_size=2, background_effect_weight=1.0)
-    sigmas = model.model.model_sampling.sigmas.float()
-    step = MoATrainStep(adapter, unet, 1.0 / (1.0 + sigmas ** 2), cfg)
+    step = MoATrainStep(adapter, unet, alphas_cumprod(model.model), cfg)
     idx, noise, t = draw(0, 0, cfg, len(examples), (4, 8, 8), "cpu")
     assert noise.dtype == torch.float32
     losses = step([examples[i] for i in idx], noise, t)
@@ -140,8 +140,8 @@ def test_step_casts_inputs_to_a_half_precision_unet(comfy):
 
 @pytest.mark.parametrize("bias", ["uniform", "cubic"])
 def test_data_parallel_ranks_draw_slices_of_the_one_process_batch(bias):
-    from moa_attention.training.config import TrainConfig
-    from moa_attention.training.step import draw
+    from comfyui_moa.moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.step import draw
     one = TrainConfig(Path(), Path(), Path(), Path(), batch_size=6, seed=5, timestep_bias=bias)
     three = TrainConfig(Path(), Path(), Path(), Path(), batch_size=2, seed=5, timestep_bias=bias)
     for step in (0, 7):
@@ -267,9 +267,9 @@ def test_ctrl_c_keeps_the_last_checkpoint(train_env, tmp_path):
 
 
 def test_router_loss_gradient_pushes_background_to_the_prior():
-    from moa_attention.engine.router import Router
-    from moa_attention.training.capture import Captured
-    from moa_attention.training.losses import router_loss
+    from comfyui_moa.moa_attention.engine.router import Router
+    from comfyui_moa.moa_attention.training.capture import Captured
+    from comfyui_moa.moa_attention.training.losses import router_loss
     torch.manual_seed(0)
     router = Router(8)
     router.reset_fresh()
@@ -283,8 +283,8 @@ def test_router_loss_gradient_pushes_background_to_the_prior():
 
 
 def test_cubic_timestep_bias_draws_mostly_high_noise_steps():
-    from moa_attention.training.config import TrainConfig
-    from moa_attention.training.step import draw
+    from comfyui_moa.moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.step import draw
     share = {}
     for bias in ("uniform", "cubic"):
         cfg = TrainConfig(Path(), Path(), Path(), Path(), batch_size=500, seed=1, timestep_bias=bias)
@@ -297,7 +297,7 @@ def test_cubic_timestep_bias_draws_mostly_high_noise_steps():
 
 
 def test_subject_x0_loss_is_the_subjects_x0_error_capped():
-    from moa_attention.training.losses import subject_x0_loss
+    from comfyui_moa.moa_attention.training.losses import subject_x0_loss
     pred = torch.zeros(2, 4, 4, 4)
     target = torch.zeros(2, 4, 4, 4)
     target[:, :, :2] = 1.0                       # eps error 1 on the top half, 0 below
@@ -313,7 +313,7 @@ def test_subject_x0_loss_is_the_subjects_x0_error_capped():
 
 
 def test_background_effect_x0_loss_scales_the_outside_change_per_example():
-    from moa_attention.training.losses import background_effect_loss, background_effect_x0_loss
+    from comfyui_moa.moa_attention.training.losses import background_effect_loss, background_effect_x0_loss
     g = torch.Generator().manual_seed(0)
     pred, base = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
     masks = torch.zeros(2, 1, 4, 4)

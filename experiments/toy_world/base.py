@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from comfyui_moa.moa_attention.comfyui.bootstrap import start_comfyui
+from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+
 from . import world
-from .comfy_env import import_comfy
 
 
 @dataclass
@@ -68,18 +70,11 @@ def _init(module: torch.nn.Module, seed: int) -> None:
 
 def build_model(cfg: BaseConfig, device: str = "auto"):
     """A ComfyUI BaseModel (SD15) with freshly initialised weights, in fp32."""
-    comfy = import_comfy(device)
-    model_config = comfy.supported_models.SD15(unet_config(cfg))
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
+    start_comfyui(cpu=True if device == "cpu" else None)
+    from comfyui_moa.moa_attention.comfyui.models import new_sd15_model
+    model = new_sd15_model(unet_config(cfg), torch.float32)
     _init(model.diffusion_model, cfg.seed)
     return model
-
-
-def alphas_cumprod(model) -> torch.Tensor:
-    """SD1.5's discrete schedule, from ComfyUI's model_sampling (sigma^2 = (1 - a) / a)."""
-    sigmas = model.model_sampling.sigmas.float()
-    return 1.0 / (1.0 + sigmas ** 2)
 
 
 def training_batch(g: torch.Generator, n: int, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:

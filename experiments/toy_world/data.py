@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from moa_attention.training.encode import Example
+from comfyui_moa.moa_attention.training.encode import Example
 
 from . import encoder, world
 

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import torch
 
-from moa_attention.engine.adapter_file import load_adapter
-from moa_attention.engine.call_state import STATE_KEY, CallState, MoASettings
-from moa_attention.engine.layer import install_layers
-from moa_attention.engine.metrics import auroc, change_inside_outside, cosine
-from moa_attention.training.capture import LossCapture, share_map
-from moa_attention.training.config import TrainConfig
-from moa_attention.training.loop import train_adapter
-from moa_attention.training.step import MoATrainStep
+from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+from comfyui_moa.moa_attention.engine.adapter_file import load_adapter
+from comfyui_moa.moa_attention.engine.call_state import STATE_KEY, CallState, MoASettings
+from comfyui_moa.moa_attention.engine.layer import install_layers
+from comfyui_moa.moa_attention.engine.metrics import auroc, change_inside_outside, cosine
+from comfyui_moa.moa_attention.training.capture import LossCapture, share_map
+from comfyui_moa.moa_attention.training.config import TrainConfig
+from comfyui_moa.moa_attention.training.loop import train_adapter
+from comfyui_moa.moa_attention.training.step import MoATrainStep
 
 from . import base as base_mod
 from . import data, encoder, world
@@ -187,7 +188,7 @@ def sampling_numbers(unet, ac, es: EvalSet, cfg: ToyConfig, fusion, centre: torc
     subject (the union of the objects drawn by base and MoA, dilated 1 px), identity similarity.
     start_t 999: txt2img; below: each scene's picture with *another* identity of the class in it
     (the subject of example i+3) is noised to start_t and regenerated (subject swap)."""
-    from moa_attention.comfyui.subjects import fused_context
+    from comfyui_moa.moa_attention.comfyui.subjects import fused_context
     g = torch.Generator().manual_seed(seed)
     n = len(es.examples)
     noise = torch.randn((n, world.CHANNELS, world.SIZE, world.SIZE), generator=g)
@@ -284,7 +285,7 @@ def run(cfg: ToyConfig, out: Path, base_path: Path) -> dict:
     model, _ = get_base(cfg, base_path)
     t_base = time.time() - t_start
     unet = model.diffusion_model
-    ac = base_mod.alphas_cumprod(model)
+    ac = alphas_cumprod(model)
     train_ids = world.identities(cfg.train_identities, cfg.seed * 1000 + 1)
     unseen_ids = world.identities(cfg.eval_identities, cfg.seed * 1000 + 2)
     examples = data.make_examples(train_ids, cfg.scenes_per_identity, cfg.seed * 1000 + 3)
@@ -294,12 +295,11 @@ def run(cfg: ToyConfig, out: Path, base_path: Path) -> dict:
                      output_dir=out / "adapter", expert=cfg.expert, rank=cfg.rank, resolution=world.SIZE * 8,
                      batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps, seed=cfg.seed, checkpoint_every=0,
                      log_every=10, eval_examples=len(unseen.examples), force=True, device="cpu", **cfg.loss)
-    from moa_attention.training.loop import prepare_output
+    from comfyui_moa.moa_attention.training.loop import prepare_output
     prepare_output(tc, 0)
     t0 = time.time()
-    rc = train_adapter(tc, unet, ac, examples, "cpu", eval_examples=unseen.examples)
-    if rc != 0:
-        raise SystemExit(rc)
+    if train_adapter(tc, unet, ac, examples, "cpu", eval_examples=unseen.examples) == 130:
+        raise KeyboardInterrupt          # Ctrl-C: the adapter's checkpoint is kept, nothing to evaluate
     t_train = time.time() - t0
 
     adapter = load_adapter(tc.output_dir / "adapter.safetensors").eval().requires_grad_(False)

@@ -44,3 +44,14 @@ def check_image_encoder(clip_vision, image_encoder: str, image_dim: int) -> None
         raise ModelMismatchError(f"clip_vision gives {dim}-d image embeddings, but the adapter expects {image_encoder} "
                                  f"({image_dim}-d). Load the CLIP ViT-L/14 vision model (e.g. "
                                  f"clip_vision_vit_l14.safetensors) in Load CLIP Vision")
+
+
+def new_sd15_model(unet_config: dict, dtype=None):
+    """A BaseModel of the SD1.5 architecture (ComfyUI's SD15 class, eps prediction, SD1.5's noise
+    schedule) with the given UNet shape, for experiments that train their own base. Its weights
+    are uninitialised: ComfyUI's ops skip torch's init, so initialise them before use."""
+    import comfy.supported_models
+    import torch
+    model_config = comfy.supported_models.SD15(unet_config)
+    model_config.set_inference_dtype(dtype or torch.float32, None)
+    return model_config.get_model({})

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..engine.errors import MoAError, MoAInputError, ModelMismatchError
+from ..engine.errors import MoAError, MoAInputError
 from ..engine.scoring import Evaluator
 from .manifest import MANIFEST
 from .run import evaluate_folder, summary_text, write_csv, write_json
@@ -44,23 +44,19 @@ def build_evaluator(args) -> Evaluator:
         from ..faces import identity
         root = args.insightface
         if root is None:
-            from ..comfyui.locate import find_comfyui
+            from ..comfyui.bootstrap import find_comfyui
             root = find_comfyui(args.comfyui) / "models" / "insightface"
         ev.face_embedding = identity.face_embedder_for(root, args.face_model, args.provider)
     if args.text_encoder and not args.clip_vision:
         raise MoAInputError("--text-encoder needs --clip-vision too (the CLIP ViT-L/14 vision model it pairs with)")
     if args.clip_vision:
-        from ..comfyui.locate import put_comfyui_on_path
-        put_comfyui_on_path(args.comfyui)
+        from ..comfyui.bootstrap import start_comfyui
+        start_comfyui(args.comfyui)
         from ..comfyui import clip_scores
+        from ..comfyui.loading import load_clip_vision
         if args.text_encoder:
             clip_scores.check_text_projection(args.text_encoder)    # refuse before loading anything
-        import comfy.clip_vision
-        if not args.clip_vision.is_file():
-            raise ModelMismatchError(f"--clip-vision: file not found: {args.clip_vision}")
-        clip_vision = comfy.clip_vision.load(str(args.clip_vision))
-        if clip_vision is None:
-            raise ModelMismatchError(f"--clip-vision {args.clip_vision} is not a CLIP vision model ComfyUI recognises")
+        clip_vision = load_clip_vision(args.clip_vision, "--clip-vision")
         ev.subject_embedding = clip_scores.subject_embedder(clip_vision)
         if args.text_encoder:
             ev.prompt_score = clip_scores.prompt_scorer(clip_scores.load_text_encoder(args.text_encoder), clip_vision)
@@ -79,11 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         rows = evaluate_folder(args.folder, evaluator, args.manifest)
     except (MoAError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:                 # find_comfyui's "cannot find ComfyUI"
-        if isinstance(e.code, int):
-            raise
-        print(f"error: {e.code}", file=sys.stderr)
         return 2
     out = args.out or args.folder / "evaluation"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ..comfyui.locate import find_comfyui
+from ..comfyui.bootstrap import start_comfyui
+from ..engine.errors import MoAError
 from .config import TIMESTEP_BIASES, TrainConfig
 
 
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default=d.timestep_bias,
                    help="timestep sampling: uniform, or cubic (t = 1000 (1 - u^3), as T2I-Adapter trains: "
                         "more steps at high noise, where layout and identity are decided)")
+    _add_run_options(p, d)
+    return p
+
+
+def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Bookkeeping of a run: evaluation, checkpoints, samples, log, resuming, device, ComfyUI."""
     p.add_argument("--eval-examples", type=int, default=d.eval_examples,
                    help="examples measured before and after training (summary.json)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -77,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comfyui", type=Path, default=None,
                    help="ComfyUI folder (default: $COMFYUI_PATH, the ComfyUI this pack is installed in, "
                         "or the dev checkout's .dev/ComfyUI)")
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -86,17 +92,25 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0: trained; 130: interrupted (a checkpoint is kept); 1: refused or stopped, with the reason
+    on stderr (a bad option or file, a dataset problem, a NaN loss, no ComfyUI)."""
     cfg = parse_args(argv)
-    # Ctrl-C / SIGINT must reach the loop, which saves a checkpoint and exits 130. A process
-    # started as a background job by a non-interactive shell (`cmd &` in a script, CI runners)
-    # inherits SIGINT *ignored*, and Python then installs no handler: the run would never stop.
+    _deliver_ctrl_c()
+    try:
+        start_comfyui(cfg.comfyui, cpu=True if cfg.device == "cpu" else None)
+        from .loop import run
+        return run(cfg)
+    except MoAError as e:
+        print(e, file=sys.stderr)
+        return 1
+
+
+def _deliver_ctrl_c() -> None:
+    """Ctrl-C / SIGINT must reach the loop, which saves a checkpoint and exits 130. A process
+    started as a background job by a non-interactive shell (`cmd &` in a script, CI runners)
+    inherits SIGINT *ignored*, and Python then installs no handler: the run would never stop."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    comfy_dir = find_comfyui(cfg.comfyui)
-    if str(comfy_dir) not in sys.path:
-        sys.path.insert(0, str(comfy_dir))
-    from .loop import run
-    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..comfyui.prompt import encode_prompt
+from ..comfyui.sampling import image_to_latent
 from ..comfyui.subjects import subject_feature
 from ..engine.files import atomic_write
 from .config import TrainConfig
@@ -46,7 +47,7 @@ def reference_feature(clip_vision, subject: SubjectRecord, label: str) -> torch.
 @torch.no_grad()
 def encode_record(cfg: TrainConfig, rec: Record, model, clip, vae, clip_vision) -> Example:
     image = load_image(rec.image, cfg.resolution)
-    latent = model.model.process_latent_in(vae.encode(image[None])).float()[0]
+    latent = image_to_latent(model, vae, image[None]).float()[0]
     prompt = encode_prompt(clip, rec.caption, [s.class_word for s in rec.subjects])
     if prompt.chunks != 1:
         raise SystemExit(f"{cfg.data}/manifest.jsonl line {rec.line}: caption longer than 75 tokens; shorten it")

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from ..comfyui.adapters import LoadedAdapter
-from ..comfyui.models import check_sd15_model
+from ..comfyui.loading import load_clip_vision, load_sd15_checkpoint, require_file
+from ..comfyui.sampling import alphas_cumprod
 from ..engine.adapter import MoAAdapter, init_adapter_from_unet
 from ..engine.adapter_file import load_adapter, save_adapter
 from ..engine.attention_fn import sdpa_attention
-from ..engine.errors import MoAError
 from ..engine.layer import install_layers
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
@@ -67,26 +67,11 @@ def prepare_output(cfg: TrainConfig, rank: int) -> None:
         (out / "samples").mkdir(parents=True, exist_ok=True)
 
 
-def _load_comfy(cfg: TrainConfig, device: torch.device):
-    import comfy.cli_args
-    if device.type == "cpu":
-        comfy.cli_args.args.cpu = True
-    import comfy.clip_vision
-    import comfy.sd
+def _load_comfy(cfg: TrainConfig):
     for label, path in (("--base", cfg.base), ("--clip-vision", cfg.clip_vision)):
-        if not Path(path).is_file():
-            raise SystemExit(f"{label}: file not found: {path}")
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(cfg.base), output_vae=True, output_clip=True)
-    if clip is None:
-        raise SystemExit(f"--base {cfg.base} has no text encoder: use a full SD1.5 checkpoint")
-    try:
-        check_sd15_model(model)
-    except MoAError as e:
-        raise SystemExit(f"--base {cfg.base}: {e}") from None
-    clip_vision = comfy.clip_vision.load(str(cfg.clip_vision))
-    if clip_vision is None:
-        raise SystemExit(f"--clip-vision {cfg.clip_vision} is not a CLIP vision model ComfyUI recognises")
-    return model, clip, vae, clip_vision
+        require_file(path, label)         # both, before minutes of loading
+    model, clip, vae = load_sd15_checkpoint(cfg.base, "--base")
+    return model, clip, vae, load_clip_vision(cfg.clip_vision, "--clip-vision")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -106,16 +91,15 @@ def run(cfg: TrainConfig) -> int:
         raise SystemExit(f"dataset {cfg.data} has {len(problems)} problem(s); fix them first "
                          f"(python -m moa_attention.training.dataset {cfg.data}):\n{listing}")
 
-    model, clip, vae, clip_vision = _load_comfy(cfg, device)
+    model, clip, vae, clip_vision = _load_comfy(cfg)
     examples = encoded_examples(cfg, records, model, clip, vae, clip_vision, show=rank == 0)
-    sigmas = model.model.model_sampling.sigmas.float()
     loaded: dict[int, LoadedAdapter] = {}
 
     def sampler(adapter: MoAAdapter, step: int) -> None:
         if id(adapter) not in loaded:                      # one ModelPatcher for every sample
             loaded[id(adapter)] = LoadedAdapter(adapter, "training")
         write_sample(cfg, model, vae, loaded[id(adapter)], examples[0], step, device)
-    return train_adapter(cfg, model.model.diffusion_model, 1.0 / (1.0 + sigmas ** 2), examples, device,
+    return train_adapter(cfg, model.model.diffusion_model, alphas_cumprod(model.model), examples, device,
                          sampler=sampler)
 
 

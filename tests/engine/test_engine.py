@@ -10,16 +10,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moa_attention.engine import adapter_file
-from moa_attention.engine.adapter import init_adapter_from_unet
-from moa_attention.engine.call_state import STATE_KEY, CallState, LayerEvent, MoASettings, halving_grid
-from moa_attention.engine.errors import ClassWordError, MoAError, MoAInputError, SubjectImageError
-from moa_attention.engine.fusion import fuse_prompt
-from moa_attention.engine.layer import MoAAttention, install_layers
-from moa_attention.engine.prompt_tokens import WordTokens, bind_subjects
-from moa_attention.engine.router import apply_strength, hard_route
-from moa_attention.engine.router_maps import RouterRecorder
-from moa_attention.engine.subject_images import check_images_and_masks, crop_subject
+from comfyui_moa.moa_attention.engine import adapter_file
+from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+from comfyui_moa.moa_attention.engine.call_state import STATE_KEY, CallState, LayerEvent, MoASettings, halving_grid
+from comfyui_moa.moa_attention.engine.errors import ClassWordError, MoAError, MoAInputError, SubjectImageError
+from comfyui_moa.moa_attention.engine.fusion import fuse_prompt
+from comfyui_moa.moa_attention.engine.layer import MoAAttention, install_layers
+from comfyui_moa.moa_attention.engine.prompt_tokens import WordTokens, bind_subjects
+from comfyui_moa.moa_attention.engine.router import apply_strength, hard_route
+from comfyui_moa.moa_attention.engine.router_maps import RouterRecorder
+from comfyui_moa.moa_attention.engine.subject_images import check_images_and_masks, crop_subject
 
 DIM, CTX, HEADS = 16, 24, 2
 
@@ -233,7 +233,7 @@ def test_adapter_file_round_trip_with_plain_torch(net, tmp_path):
 
 
 def test_metrics_auroc_and_change_inside_outside():
-    from moa_attention.engine.metrics import auroc, change_inside_outside, cosine, psnr
+    from comfyui_moa.moa_attention.engine.metrics import auroc, change_inside_outside, cosine, psnr
     labels = torch.tensor([0, 0, 1, 1])
     assert auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), labels) == 1.0
     assert auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), labels) == 0.0

@@ -1,0 +1,36 @@
+"""ComfyUI's noise schedule, latent space and sampler, for the code that runs outside a graph:
+the trainer (its encoded dataset and its samples) and the toy-world experiment."""
+from __future__ import annotations
+
+import torch
+
+
+def alphas_cumprod(base_model) -> torch.Tensor:
+    """The discrete schedule's abar_t of a BaseModel (a MODEL's `.model`), from its model_sampling
+    (sigma^2 = (1 - abar) / abar), in fp32."""
+    sigmas = base_model.model_sampling.sigmas.float()
+    return 1.0 / (1.0 + sigmas ** 2)
+
+
+def image_to_latent(model, vae, images: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] pictures to the latents `model` denoises (VAE Encode, then the model's scaling)."""
+    return model.model.process_latent_in(vae.encode(images))
+
+
+def sample_image(model, vae, positive: list, negative: list, size: int, steps: int, seed: int,
+                 cfg: float = 5.0) -> torch.Tensor:
+    """One [H, W, 3] picture in [0, 1]: ComfyUI's euler sampler from an empty latent, then VAE Decode."""
+    import comfy.sample
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.no_grad():
+        samples = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                      disable_pbar=True, seed=seed)
+        return vae.decode(model.model.process_latent_out(samples))[0].clamp(0, 1)
+
+
+def unload_models() -> None:
+    """Unload what ComfyUI keeps loaded after sampling: it moves those models to their offload
+    device, so a caller training on another device must move its modules back."""
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
