@@ -231,10 +231,17 @@ def test_resume_continues_the_same_run(train_env, trained, tmp_path):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5, abs=1e-7), (a, b)
 
 
-def test_output_is_not_overwritten_without_force(train_env, trained, tmp_path):
+def test_output_is_not_overwritten_without_force(train_env, trained, capsys):
+    from comfyui_moa.moa_attention.engine.errors import MoAInputError
+    from comfyui_moa.moa_attention.training.cli import main
     before = (trained / "adapter.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="is not empty: pass --resume .* or --force"):
+    with pytest.raises(MoAInputError, match="is not empty: pass --resume .* or --force"):
         run_in_process(train_args(train_env, trained, "--steps", "1"))
+    # the command line says it in one line on stderr and exits 1
+    assert main(train_args(train_env, trained, "--steps", "1")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"{trained} is not empty: pass --resume to continue that run or --force to start over "
+                   f"(which deletes its checkpoints, samples and log)")
     assert (trained / "adapter.safetensors").read_bytes() == before
 
 

@@ -8,7 +8,8 @@ off by ~1e-4 in fp32 because r_prior + r_personal != 1 after rounding).
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -199,3 +200,14 @@ def install_layers(diffusion_model: nn.Module, adapter, attention: AttentionFn =
         for parent, name, original in swapped:
             setattr(parent, name, original)
     return uninstall
+
+
+@contextmanager
+def moa_layers(diffusion_model: nn.Module, adapter, attention: AttentionFn = sdpa_attention) -> Iterator[None]:
+    """install_layers for a `with` block: the original attention modules are back however the
+    block ends (its last line, an exception, Ctrl-C)."""
+    uninstall = install_layers(diffusion_model, adapter, attention)
+    try:
+        yield
+    finally:
+        uninstall()

@@ -16,6 +16,7 @@ import torch
 from ..comfyui.prompt import encode_prompt
 from ..comfyui.sampling import image_to_latent
 from ..comfyui.subjects import subject_feature
+from ..engine.errors import MoAInputError
 from ..engine.files import atomic_write
 from .config import TrainConfig
 from .dataset import Record, SubjectRecord, load_image, load_mask
@@ -50,7 +51,7 @@ def encode_record(cfg: TrainConfig, rec: Record, model, clip, vae, clip_vision) 
     latent = image_to_latent(model, vae, image[None]).float()[0]
     prompt = encode_prompt(clip, rec.caption, [s.class_word for s in rec.subjects])
     if prompt.chunks != 1:
-        raise SystemExit(f"{cfg.data}/manifest.jsonl line {rec.line}: caption longer than 75 tokens; shorten it")
+        raise MoAInputError(f"{cfg.data}/manifest.jsonl line {rec.line}: caption longer than 75 tokens; shorten it")
     features = [reference_feature(clip_vision, s, f"line {rec.line} '{s.class_word}'") for s in rec.subjects]
     masks = torch.stack([load_mask(s.mask, cfg.resolution // 8) for s in rec.subjects])
     return Example(latent.cpu(), prompt.plain.float().cpu(), prompt.positions, features, masks, rec.caption)

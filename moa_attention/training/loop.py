@@ -2,6 +2,7 @@
 
 The frozen encoders run once, before the loop (encode.py), so each step only runs the UNet
 with its MoA layers (step.py). Rank 0 writes everything: log, checkpoints, samples, adapter.
+The caller's UNet is borrowed (unet.py): however training ends, it comes back as it came.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,16 +26,24 @@ from ..comfyui.sampling import alphas_cumprod
 from ..engine.adapter import MoAAdapter, init_adapter_from_unet
 from ..engine.adapter_file import load_adapter, save_adapter
 from ..engine.attention_fn import sdpa_attention
-from ..engine.layer import install_layers
+from ..engine.errors import MoAError, MoAInputError
+from ..engine.layer import moa_layers
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
-from .dataset import read_manifest
+from .dataset import Record, read_manifest
 from .encode import Example, encoded_examples
 from .sampling import write_sample
-from .step import AUROC_MAX_T, MoATrainStep, draw, enable_checkpointing, evaluate
+from .step import AUROC_MAX_T, MoATrainStep, draw, evaluate
+from .unet import borrowed_unet, checkpointed_blocks
 
 LOG_FIELDS = ["step", "loss", "denoise", "router", "subject_route", "object", "effect", "subject_x0", "effect_x0",
               "bg_share", "fg_share", "share_auroc", "lr", "seconds"]
+
+Sampler = Callable[[MoAAdapter, int], None]
+
+
+class NonFiniteLossError(MoAError, FloatingPointError):
+    """The loss became NaN or infinite; training stopped before another checkpoint was written."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -49,13 +58,23 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _join_process_group(world: int, device: torch.device) -> bool:
+    """Under a launcher (world > 1), the process group (nccl on CUDA, else gloo); True then."""
+    if world <= 1:
+        return False
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
 def prepare_output(cfg: TrainConfig, rank: int) -> None:
     """Refuse a non-empty output folder unless --resume (continue) or --force (start over)."""
     out = cfg.output_dir
     if rank == 0 and out.exists() and any(out.iterdir()) and not cfg.resume:
         if not cfg.force:
-            raise SystemExit(f"{out} is not empty: pass --resume to continue that run or --force to start over "
-                             f"(which deletes its checkpoints, samples and log)")
+            raise MoAInputError(f"{out} is not empty: pass --resume to continue that run or --force to start over "
+                                f"(which deletes its checkpoints, samples and log)")
         for child in ("checkpoints", "samples", "loss_log.csv", "adapter.safetensors", "config.json", "summary.json"):
             p = out / child
             if p.is_dir():
@@ -63,47 +82,73 @@ def prepare_output(cfg: TrainConfig, rank: int) -> None:
             elif p.exists():
                 p.unlink()
     if rank == 0:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(parents=True, exist_ok=True)
+        _make_run_folders(out)
 
 
-def _load_comfy(cfg: TrainConfig):
+def _make_run_folders(out: Path) -> None:
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+
+
+def _dataset(cfg: TrainConfig) -> list[Record]:
+    records, problems = read_manifest(cfg.data)
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems[:50])
+        raise MoAInputError(f"dataset {cfg.data} has {len(problems)} problem(s); fix them first "
+                            f"(python -m moa_attention.training.dataset {cfg.data}):\n{listing}")
+    return records
+
+
+# ----------------------------------------------------------------------------- the command line's run
+
+def run(cfg: TrainConfig) -> int:
+    """The command line's run: load the checkpoint with ComfyUI (started by the caller, see
+    comfyui.bootstrap), encode the dataset (cached), then train_adapter() on it."""
+    rank, world, local_rank = _dist_info()
+    device = _device(cfg, local_rank)
+    _join_process_group(world, device)
+    prepare_output(cfg, rank)
+    records = _dataset(cfg)
     for label, path in (("--base", cfg.base), ("--clip-vision", cfg.clip_vision)):
         require_file(path, label)         # both, before minutes of loading
     model, clip, vae = load_sd15_checkpoint(cfg.base, "--base")
-    return model, clip, vae, load_clip_vision(cfg.clip_vision, "--clip-vision")
+    clip_vision = load_clip_vision(cfg.clip_vision, "--clip-vision")
+    examples = encoded_examples(cfg, records, model, clip, vae, clip_vision, show=rank == 0)
+    return train_adapter(cfg, model.model.diffusion_model, alphas_cumprod(model.model), examples, device,
+                         sampler=_sampler(cfg, model, vae, examples[0], device))
+
+
+def _sampler(cfg: TrainConfig, model, vae, example: Example, device: torch.device) -> Sampler:
+    """Samples of `example` through ComfyUI's sampler, one ModelPatcher for every sample."""
+    loaded: dict[int, LoadedAdapter] = {}
+
+    def sampler(adapter: MoAAdapter, step: int) -> None:
+        if id(adapter) not in loaded:
+            loaded[id(adapter)] = LoadedAdapter(adapter, "training")
+        write_sample(cfg, model, vae, loaded[id(adapter)], example, step, device)
+    return sampler
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def run(cfg: TrainConfig) -> int:
-    """The command line's run: load the checkpoint with ComfyUI, encode the dataset (cached),
-    then train_adapter() on it."""
-    rank, world, local_rank = _dist_info()
-    device = _device(cfg, local_rank)
-    if world > 1:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    prepare_output(cfg, rank)
-    records, problems = read_manifest(cfg.data)
-    if problems:
-        listing = "\n".join(f"  {p}" for p in problems[:50])
-        raise SystemExit(f"dataset {cfg.data} has {len(problems)} problem(s); fix them first "
-                         f"(python -m moa_attention.training.dataset {cfg.data}):\n{listing}")
+@dataclass
+class _Training:
+    """One training run's moving parts, as the steps below share them."""
+    cfg: TrainConfig
+    adapter: MoAAdapter
+    step_module: nn.Module              # MoATrainStep, inside DistributedDataParallel when world > 1
+    optimizer: torch.optim.Optimizer
+    names: dict[int, str]               # optimizer index -> adapter parameter name (checkpoints)
+    device: torch.device
+    rank: int
+    world: int
+    autocast: Callable
+    scaler: torch.amp.GradScaler | None
+    step: int = 0                       # optimizer steps done
 
-    model, clip, vae, clip_vision = _load_comfy(cfg)
-    examples = encoded_examples(cfg, records, model, clip, vae, clip_vision, show=rank == 0)
-    loaded: dict[int, LoadedAdapter] = {}
-
-    def sampler(adapter: MoAAdapter, step: int) -> None:
-        if id(adapter) not in loaded:                      # one ModelPatcher for every sample
-            loaded[id(adapter)] = LoadedAdapter(adapter, "training")
-        write_sample(cfg, model, vae, loaded[id(adapter)], examples[0], step, device)
-    return train_adapter(cfg, model.model.diffusion_model, alphas_cumprod(model.model), examples, device,
-                         sampler=sampler)
-
-
-Sampler = Callable[[MoAAdapter, int], None]
+    @property
+    def plain_step(self) -> MoATrainStep:
+        return getattr(self.step_module, "module", self.step_module)
 
 
 def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: torch.Tensor,
@@ -115,25 +160,38 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
     step)` writes a sample at every multiple of cfg.sample_every (when set); it must leave the UNet
     and the adapter on `device` (ComfyUI's sampler moves them). eval_examples (default: examples)
     are what evaluate() measures into summary.json before and after.
-    Returns 0, or 130 when interrupted (a checkpoint is kept)."""
-    from tqdm import tqdm
 
-    rank, world, _ = _dist_info()
+    Returns 0, or 130 when interrupted (a checkpoint is kept); raises NonFiniteLossError when the
+    loss becomes NaN or infinite. However it ends, `diffusion_model` comes back as it came."""
     device = torch.device(device)
-    own_group = False
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        own_group = True
+    rank, world, _ = _dist_info()
+    own_group = _join_process_group(world, device)
     torch.manual_seed(cfg.seed)
     if rank == 0:
-        (cfg.output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (cfg.output_dir / "samples").mkdir(parents=True, exist_ok=True)
-    diffusion_model = diffusion_model.to(device)
-    diffusion_model.requires_grad_(False)        # ComfyUI leaves requires_grad on: the prior must stay frozen
-    diffusion_model.eval()
+        _make_run_folders(cfg.output_dir)
+    with borrowed_unet(diffusion_model, device) as unet:
+        adapter, resume_from = _start_adapter(cfg, unet, device, rank)
+        with moa_layers(unet, adapter, sdpa_attention), checkpointed_blocks(unet, cfg.gradient_checkpointing):
+            training = _prepare_run(cfg, adapter, unet, alphas_cumprod, device, rank, world, resume_from)
+            eval_set = eval_examples or examples
+            eval_before = evaluate(training.plain_step, eval_set, cfg, device) if rank == 0 else {}
+            try:
+                _train_steps(training, examples, sampler)
+            except KeyboardInterrupt:
+                _keep_interrupted(training)
+                return 130
+            if rank == 0:
+                _finish(training, eval_set, eval_before)
+            if own_group:
+                import torch.distributed as dist
+                dist.barrier()
+                dist.destroy_process_group()
+    return 0
 
+
+def _start_adapter(cfg: TrainConfig, unet: nn.Module, device: torch.device,
+                   rank: int) -> tuple[MoAAdapter, Path | None]:
+    """A fresh adapter for `unet`, or with --resume the newest checkpoint's (and its folder)."""
     checkpoints = checkpoint_dirs(cfg.output_dir) if cfg.resume else []
     if cfg.resume and not checkpoints and rank == 0:
         print(f"--resume: no checkpoint in {cfg.output_dir / 'checkpoints'} yet, starting from a fresh adapter")
@@ -141,98 +199,120 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
         adapter = load_adapter(checkpoints[-1] / "adapter.safetensors")
         adapter.requires_grad_(True)
     else:
-        adapter = init_adapter_from_unet(diffusion_model, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed,
+        adapter = init_adapter_from_unet(unet, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed,
                                          router_margin=cfg.router_margin)
     adapter.config.training = {k: str(v) for k, v in asdict(cfg).items()}
     adapter.to(device).train()
-    uninstall = install_layers(diffusion_model, adapter, sdpa_attention)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(diffusion_model)
+    return adapter, checkpoints[-1] if checkpoints else None
 
-    step_module: nn.Module = MoATrainStep(adapter, diffusion_model, alphas_cumprod, cfg).to(device)
+
+def _prepare_run(cfg: TrainConfig, adapter: MoAAdapter, unet: nn.Module, alphas_cumprod: torch.Tensor,
+                 device: torch.device, rank: int, world: int, resume_from: Path | None) -> _Training:
+    """The step module, the optimizer (with its resumed state), mixed precision; config.json."""
+    step_module: nn.Module = MoATrainStep(adapter, unet, alphas_cumprod, cfg).to(device)
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
-    params = [p for p in adapter.parameters() if p.requires_grad]
-    names = {i: n for i, (n, p) in enumerate((n, p) for n, p in adapter.named_parameters() if p.requires_grad)}
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
-    if checkpoints:
-        start = load_trainer_state(checkpoints[-1] / STATE_FILE, optimizer, names)
+    trainable = [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
+    names = {i: n for i, (n, _) in enumerate(trainable)}
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = load_trainer_state(resume_from / STATE_FILE, optimizer, names) if resume_from else 0
     if rank == 0:
         (cfg.output_dir / "config.json").write_text(json.dumps(adapter.config.training, indent=2))
-
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" and device.type == "cuda" else None
-    log_path = cfg.output_dir / "loss_log.csv"
-    log_file = None
-    if rank == 0:
-        new_log = not log_path.exists() or not cfg.resume
-        log_file = open(log_path, "w" if new_log else "a", newline="")
-        writer = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
-        if new_log:
-            writer.writeheader()
+    return _Training(cfg, adapter, step_module, optimizer, names, device, rank, world, autocast, scaler, start)
+
+
+def _train_steps(training: _Training, examples: list[Example], sampler: Sampler | None) -> None:
+    """Optimizer steps until cfg.steps, each logged, checkpointed and sampled as configured."""
+    from tqdm import tqdm
+    cfg = training.cfg
     shape = tuple(examples[0].latent.shape)
-    plain_step = step_module.module if hasattr(step_module, "module") else step_module
-    eval_set = eval_examples or examples
-    eval_before = evaluate(plain_step, eval_set, cfg, device) if rank == 0 else {}
-    bar = tqdm(total=cfg.steps, initial=start, desc="training", disable=rank != 0)
-    step = start
     t0 = time.time()
-    try:
-        while step < cfg.steps:
-            optimizer.zero_grad(set_to_none=True)
-            totals: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                idx, noise, timesteps = draw(step * cfg.grad_accum + micro, rank, cfg, len(examples), shape, device,
-                                             world)
-                with autocast():
-                    losses = step_module([examples[i] for i in idx], noise, timesteps)
-                loss = losses["loss"] / cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                for k, v in losses.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            if world > 1:
-                totals = _mean_over_ranks(totals, device)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            step += 1
+    bar = tqdm(total=cfg.steps, initial=training.step, desc="training", disable=training.rank != 0)
+    with _LossLog(cfg, training.rank) as log, bar:
+        while training.step < cfg.steps:
+            totals = _one_step(training, examples, shape)
+            training.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{totals['loss']:.4f}", bg=f"{totals['bg_share']:.3f}",
                             fg=f"{totals['fg_share']:.3f}", auroc=f"{totals['share_auroc']:.2f}")
-            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                writer.writerow({"step": step, **{k: f"{totals[k]:.6g}" for k in LOG_FIELDS if k in totals},
-                                 "lr": cfg.lr, "seconds": f"{time.time() - t0:.2f}"})
-                log_file.flush()
-            if rank == 0 and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
-            if rank == 0 and sampler and cfg.sample_every and step % cfg.sample_every == 0:
-                sampler(adapter, step)
+            log.write(training.step, totals, time.time() - t0)
             if not math.isfinite(totals["loss"]):
-                raise SystemExit(f"loss became {totals['loss']} at step {step}: lower --lr or use --mixed-precision no")
-    except KeyboardInterrupt:
+                raise NonFiniteLossError(f"loss became {totals['loss']} at step {training.step}: lower --lr or use "
+                                         f"--mixed-precision no")
+            _save_and_sample(training, sampler)
+
+
+def _one_step(training: _Training, examples: list[Example], shape: tuple) -> dict[str, float]:
+    """One optimizer step over cfg.grad_accum micro-batches; the loss terms averaged (over ranks too)."""
+    cfg = training.cfg
+    training.optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        idx, noise, timesteps = draw(training.step * cfg.grad_accum + micro, training.rank, cfg, len(examples), shape,
+                                     training.device, training.world)
+        with training.autocast():
+            losses = training.step_module([examples[i] for i in idx], noise, timesteps)
+        loss = losses["loss"] / cfg.grad_accum
+        (training.scaler.scale(loss) if training.scaler else loss).backward()
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+    if training.world > 1:
+        totals = _mean_over_ranks(totals, training.device)
+    if training.scaler:
+        training.scaler.step(training.optimizer)
+        training.scaler.update()
+    else:
+        training.optimizer.step()
+    return totals
+
+
+def _save_and_sample(training: _Training, sampler: Sampler | None) -> None:
+    cfg = training.cfg
+    if training.rank != 0:
+        return
+    if cfg.checkpoint_every and training.step % cfg.checkpoint_every == 0:
+        save_checkpoint(cfg.output_dir, training.adapter, training.optimizer, training.names, training.step, cfg.keep_checkpoints)
+    if sampler and cfg.sample_every and training.step % cfg.sample_every == 0:
+        sampler(training.adapter, training.step)
+
+
+def _keep_interrupted(training: _Training) -> None:
+    """Ctrl-C: rank 0 keeps a checkpoint of the steps done, to continue with --resume."""
+    if training.rank == 0:
+        cfg = training.cfg
+        d = save_checkpoint(cfg.output_dir, training.adapter, training.optimizer, training.names, training.step, cfg.keep_checkpoints)
+        print(f"\ninterrupted at step {training.step}: checkpoint kept in {d}; continue with --resume")
+
+
+class _LossLog:
+    """loss_log.csv, written by rank 0: a row every cfg.log_every steps and at the last one;
+    appended to when resuming."""
+
+    def __init__(self, cfg: TrainConfig, rank: int) -> None:
+        self.cfg, self.file, self.writer = cfg, None, None
         if rank == 0:
-            d = save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
-            print(f"\ninterrupted at step {step}: checkpoint kept in {d}; continue with --resume")
-        uninstall()
-        return 130
-    finally:
-        bar.close()
-        if log_file:
-            log_file.close()
-    try:
-        if rank == 0:
-            _finish(cfg, adapter, optimizer, names, step, plain_step, eval_set, eval_before, device, world)
-        if own_group:
-            import torch.distributed as dist
-            dist.barrier()
-            dist.destroy_process_group()
-    finally:
-        uninstall()          # the caller's diffusion model is left as it came
-    return 0
+            path = cfg.output_dir / "loss_log.csv"
+            new = not path.exists() or not cfg.resume
+            self.file = open(path, "w" if new else "a", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
+            if new:
+                self.writer.writeheader()
+
+    def __enter__(self) -> "_LossLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file:
+            self.file.close()
+
+    def write(self, step: int, totals: dict[str, float], seconds: float) -> None:
+        if self.writer and (step % self.cfg.log_every == 0 or step == self.cfg.steps):
+            self.writer.writerow({"step": step, **{k: f"{totals[k]:.6g}" for k in LOG_FIELDS if k in totals},
+                                  "lr": self.cfg.lr, "seconds": f"{seconds:.2f}"})
+            self.file.flush()
 
 
 def _mean_over_ranks(totals: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -246,15 +326,15 @@ def _mean_over_ranks(totals: dict[str, float], device: torch.device) -> dict[str
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def _finish(cfg: TrainConfig, adapter, optimizer, names, step: int, plain_step, eval_set, eval_before, device,
-            world: int) -> None:
+def _finish(training: _Training, eval_set: list[Example], eval_before: dict[str, float]) -> None:
     """Rank 0 after the last step: final checkpoint, adapter file, summary.json."""
+    cfg, step = training.cfg, training.step
     if not cfg.checkpoint_every or step % cfg.checkpoint_every:
-        save_checkpoint(cfg.output_dir, adapter, optimizer, names, step, cfg.keep_checkpoints)
-    final = save_adapter(adapter, cfg.output_dir / "adapter.safetensors", overwrite=True)
-    summary = {"steps": step, "world_size": world, "global_batch": cfg.batch_size * world * cfg.grad_accum,
+        save_checkpoint(cfg.output_dir, training.adapter, training.optimizer, training.names, step, cfg.keep_checkpoints)
+    final = save_adapter(training.adapter, cfg.output_dir / "adapter.safetensors", overwrite=True)
+    summary = {"steps": step, "world_size": training.world, "global_batch": cfg.batch_size * training.world * cfg.grad_accum,
                "eval_before": eval_before,
-               "eval_after": evaluate(plain_step, eval_set, cfg, device)}
+               "eval_after": evaluate(training.plain_step, eval_set, cfg, training.device)}
     (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     after = summary["eval_after"]
     print(f"wrote {final} after {step} steps; eval loss {eval_before.get('loss', float('nan')):.4f} -> "

@@ -132,17 +132,6 @@ def draw(step: int, rank: int, cfg: TrainConfig, n_examples: int, shape: tuple, 
     return idx[mine].tolist(), noise[mine].to(device), timesteps[mine].to(device)
 
 
-def enable_checkpointing(diffusion_model: nn.Module) -> None:
-    from torch.utils.checkpoint import checkpoint
-    for module in diffusion_model.modules():
-        if hasattr(module, "attn1") and hasattr(module, "ff"):        # BasicTransformerBlock
-            original = module.forward
-
-            def wrapped(*args, _f=original, **kwargs):
-                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-            module.forward = wrapped
-
-
 EVAL_TIMESTEPS = (200, 400, 600, 800)
 #: the share is judged where the picture's layout is still being decided but the subject is
 #: visible: at t <= 600. Above it the noisy latent barely shows the subject, and even a router
