@@ -331,3 +331,12 @@ def test_background_effect_x0_loss_scales_the_outside_change_per_example():
     assert background_effect_x0_loss(pred, base, masks, abar, cap=20.0).item() == pytest.approx(expected, rel=1e-5)
     base[:, :, :2] += 9.0                        # a change inside the subject does not count
     assert background_effect_x0_loss(pred, base, masks, abar, cap=20.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_comfyui_folder_that_is_not_comfyui_is_refused(tmp_path):
+    """--comfyui pointing elsewhere is an error naming the folder, not a silent fallback."""
+    from support.runtime import COMFY_DIR
+    from comfyui_moa.moa_attention.comfyui.bootstrap import ComfyUINotFoundError, find_comfyui
+    with pytest.raises(ComfyUINotFoundError, match=f"{tmp_path} is not a ComfyUI folder .* main.py"):
+        find_comfyui(tmp_path)
+    assert find_comfyui(COMFY_DIR) == COMFY_DIR

@@ -22,14 +22,21 @@ class ComfyUINotFoundError(MoAError, RuntimeError):
 
 def find_comfyui(explicit: Path | None = None) -> Path:
     """--comfyui, $COMFYUI_PATH, the ComfyUI this pack is installed in, or the dev checkout's copy."""
+    if explicit is not None and not _is_comfyui(explicit):
+        raise ComfyUINotFoundError(f"{explicit} is not a ComfyUI folder (it has no comfy/model_management.py): "
+                                   f"pass the folder that holds ComfyUI's main.py")
     here = Path(__file__).resolve()
     candidates = [explicit, Path(os.environ["COMFYUI_PATH"]) if os.environ.get("COMFYUI_PATH") else None,
                   here.parents[4] if len(here.parents) > 4 else None,  # ComfyUI/custom_nodes/<pack>/moa_attention/comfyui
                   here.parents[2] / ".dev" / "ComfyUI"]
     for c in candidates:
-        if c is not None and (c / "comfy" / "model_management.py").is_file():
+        if c is not None and _is_comfyui(c):
             return c
     raise ComfyUINotFoundError("cannot find ComfyUI: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH")
+
+
+def _is_comfyui(folder: Path) -> bool:
+    return (Path(folder) / "comfy" / "model_management.py").is_file()
 
 
 def start_comfyui(explicit: Path | None = None, cpu: bool | None = None, with_nodes: bool = False) -> Path:
