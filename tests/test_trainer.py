@@ -158,8 +158,8 @@ RESEARCH_OPTIONS = ("--router-loss-power", "--router-margin", "--subject-x0-weig
 
 
 def test_help_lists_the_research_knobs_apart_under_experimental():
-    from moa_attention.training.cli import build_parser, parse_args
-    from moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.cli import build_parser, parse_args
+    from comfyui_moa.moa_attention.training.config import TrainConfig
     main, found, experimental = build_parser().format_help().partition("\nexperimental:\n")
     assert found, "no 'experimental' section in --help"
     options = re.split(r"\n(?:options|optional arguments):\n", main)[1]
@@ -181,7 +181,7 @@ def test_trainer_state_comes_back_exactly_also_from_files_with_the_old_extra_ent
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from moa_attention.training.checkpoints import load_trainer_state, save_trainer_state
+    from comfyui_moa.moa_attention.training.checkpoints import load_trainer_state, save_trainer_state
 
     def optimizer():
         params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
