@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..moa_attention.comfyui import clip_scores
-from ..moa_attention.engine.report import comparison_grid, difference_image, text_table
-from ..moa_attention.engine.scoring import Evaluator, Picture
+from ..moa_attention.engine.router_maps import heat_colors
 from ..moa_attention.faces import align
+from ..moa_attention.scoring.evaluator import Evaluator, Picture
+from ..moa_attention.scoring.report import comparison_grid, difference_image, text_table
 from .common import CATEGORY, refusals, refuse
 from .face_align import face_model_names, face_model_root
-from .router_maps import heat_colors
 
 NODE = "MoA Evaluate"
 NONE = "none"

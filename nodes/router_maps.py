@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from ..moa_attention.comfyui.patch import get_controller
+from ..moa_attention.engine.router_maps import heat_colors
 from .common import CATEGORY, refusals, refuse
 
 NODE = "MoA Router Maps"
@@ -24,14 +25,6 @@ def select_layers(layers: list[str], choice: str) -> list[str]:
         "output blocks": lambda p: p.startswith("output_blocks."),
     }
     return [p for p in layers if rules[choice](p)]
-
-
-def heat_colors(share: torch.Tensor) -> torch.Tensor:
-    """[B, H, W] in [0, 1] -> [B, H, W, 3]: blue (prior) through red (personalized)."""
-    s = share.clamp(0, 1)[..., None]
-    blue = torch.tensor([0.10, 0.25, 0.95])
-    red = torch.tensor([0.95, 0.20, 0.10])
-    return (1 - s) * blue + s * red
 
 
 class MoARouterMaps:

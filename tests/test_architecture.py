@@ -63,7 +63,7 @@ MODULES = pack_modules()
 
 def layer_of(module: str) -> str:
     for prefix in ("moa_attention.engine", "moa_attention.comfyui", "moa_attention.training",
-                   "moa_attention.faces", "moa_attention.evaluation", "nodes"):
+                   "moa_attention.faces", "moa_attention.evaluation", "moa_attention.scoring", "nodes"):
         if module == prefix or module.startswith(prefix + "."):
             return prefix.split(".")[-1]
     return module
@@ -84,11 +84,12 @@ def test_the_engine_never_imports_comfyui_or_the_layers_above_it():
 
 def test_imports_point_one_way_and_nothing_imports_the_trainer():
     allowed = {  # layer -> layers of the pack it may import
-        "nodes": {"nodes", "comfyui", "engine", "faces"},
+        "nodes": {"nodes", "comfyui", "engine", "faces", "scoring"},
         "comfyui": {"comfyui", "engine"},
         "faces": {"faces", "engine"},
-        "training": {"training", "comfyui", "engine"},
-        "evaluation": {"evaluation", "comfyui", "engine", "faces"},   # offline CLI; nodes use engine/scoring.py
+        "training": {"training", "comfyui", "engine", "scoring"},
+        "evaluation": {"evaluation", "comfyui", "engine", "faces", "scoring"},   # offline CLI; nodes use scoring/
+        "scoring": {"scoring", "engine"},
     }
     bad = []
     for name, path in MODULES.items():
@@ -143,9 +144,9 @@ def test_no_import_cycles():
 
 
 def test_the_engine_imports_with_plain_torch():
-    """In a fresh interpreter without ComfyUI on the path, every engine module imports and no
-    ComfyUI module gets loaded."""
-    engine = sorted(n for n in MODULES if layer_of(n) == "engine")
+    """In a fresh interpreter without ComfyUI on the path, every engine and scoring module imports
+    and no ComfyUI module gets loaded."""
+    engine = sorted(n for n in MODULES if layer_of(n) in ("engine", "scoring"))
     code = ("import importlib, sys; sys.path.insert(0, sys.argv[1]); "
             f"[importlib.import_module(m) for m in {engine!r}]; "
             f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(COMFYUI_MODULES)!r}); "

@@ -67,7 +67,7 @@ def _numbers(report: str, label: str) -> dict[str, str]:
 
 
 def test_fresh_adapter_preserves_everything_and_a_region_keeps_the_context(comfy, tiny_model, vae):
-    from comfyui_moa.moa_attention.engine.metrics import context_preservation
+    from comfyui_moa.moa_attention.scoring.metrics import context_preservation
     from comfyui_moa.nodes.evaluate import MoAEvaluate
     base, _, base_lat = _run(comfy, vae, tiny_model)
     h, w = base.shape[1:3]

@@ -27,7 +27,7 @@ from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
 from comfyui_moa.moa_attention.engine.adapter_file import load_adapter
 from comfyui_moa.moa_attention.engine.call_state import STATE_KEY, CallState, MoASettings
 from comfyui_moa.moa_attention.engine.layer import install_layers
-from comfyui_moa.moa_attention.engine.metrics import auroc, change_inside_outside, cosine
+from comfyui_moa.moa_attention.scoring.metrics import auroc, change_inside_outside, cosine
 from comfyui_moa.moa_attention.training.capture import LossCapture, share_map
 from comfyui_moa.moa_attention.training.config import TrainConfig
 from comfyui_moa.moa_attention.training.loop import train_adapter

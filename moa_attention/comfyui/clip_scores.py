@@ -161,14 +161,14 @@ def subject_similarity(clip_vision, references: torch.Tensor, reference_masks: t
 
 
 def subject_embedder(clip_vision):
-    """What engine/scoring.Evaluator takes: (images [N, H, W, 3], masks, label) -> mean embedding [D]."""
+    """What scoring.evaluator.Evaluator takes: (images [N, H, W, 3], masks, label) -> mean embedding [D]."""
     if clip_vision is None:
         raise ModelMismatchError("clip_vision is None. Load the CLIP ViT-L/14 vision model with Load CLIP Vision")
     return lambda images, masks, label: subject_feature(clip_vision, images, masks, label)
 
 
 def prompt_scorer(clip, clip_vision):
-    """What engine/scoring.Evaluator takes: (image [H, W, 3], prompt) -> image-text cosine."""
+    """What scoring.evaluator.Evaluator takes: (image [H, W, 3], prompt) -> image-text cosine."""
     check_text_encoder(clip)
     check_clip_vision(clip_vision)
     return lambda image, prompt: prompt_fidelity(clip, clip_vision, image[None], [prompt])[0]

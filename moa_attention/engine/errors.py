@@ -41,15 +41,3 @@ class SubjectImageError(MoAError, ValueError):
 
 class ModelMismatchError(MoAError, ValueError):
     """The model, text encoder or image encoder is not the kind the adapter was made for."""
-
-
-class FaceAlignError(MoAError, RuntimeError):
-    """A face-model or face-alignment problem with a message that says what to do."""
-
-
-class FaceModelError(FaceAlignError):
-    """The face-model folder is missing, empty, nested or has no detector."""
-
-
-class InsightFaceMissingError(FaceAlignError, ImportError):
-    """insightface (or one of its dependencies) is not installed in ComfyUI's Python."""

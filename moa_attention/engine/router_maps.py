@@ -1,4 +1,5 @@
-"""Router-map capture: where, per layer and step, the router sent pixels to the subject.
+"""Router-map capture: where, per layer and step, the router sent pixels to the subject, and
+the colours a map is drawn in.
 
 Maps are accumulated at latent resolution (a running sum and a count per layer), so memory
 stays at layers x batch x latent pixels however many steps run. The sums stay on the device
@@ -107,3 +108,12 @@ class RouterRecorder:
         total = sum(self.sums[p].cpu() for p in layers)
         count = sum(self.counts[p].cpu() for p in layers)
         return total / count.clamp_min(1)[:, None, None]
+
+
+def heat_colors(share: torch.Tensor) -> torch.Tensor:
+    """[B, H, W] share in [0, 1] -> [B, H, W, 3] colours: blue (prior) through red (personalized),
+    how MoA Router Maps and MoA Evaluate draw a router map."""
+    s = share.clamp(0, 1)[..., None]
+    blue = torch.tensor([0.10, 0.25, 0.95], device=s.device)
+    red = torch.tensor([0.95, 0.20, 0.10], device=s.device)
+    return (1 - s) * blue + s * red

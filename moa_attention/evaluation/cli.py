@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..engine.errors import MoAError, MoAInputError
-from ..engine.scoring import Evaluator
+from ..scoring.evaluator import Evaluator
 from .manifest import MANIFEST
 from .run import evaluate_folder, summary_text, write_csv, write_json
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.report import METRIC_KEYS, METRICS, csv_value, json_value, mean_of, text_table
-from ..engine.scoring import Evaluator, Picture
+from ..scoring.evaluator import Evaluator, Picture
+from ..scoring.report import METRIC_KEYS, METRICS, csv_value, json_value, mean_of, text_table
 from .manifest import MANIFEST, BadLine, Entry, read_manifest
 
 COLUMNS = ("line", "image", "label", "status", *METRIC_KEYS, "errors")

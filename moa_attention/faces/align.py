@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.errors import FaceAlignError, FaceModelError, InsightFaceMissingError
+from .errors import FaceModelError, InsightFaceMissingError
 
 log = logging.getLogger("comfyui-moa")
 

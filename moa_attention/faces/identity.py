@@ -14,16 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..engine.errors import FaceAlignError, FaceModelError
 from .align import (KNOWN_MODELS, find_face_models, import_insightface, load_face_analysis, resolve_providers,
                     to_bgr_uint8)
+from .errors import FaceAlignError, FaceModelError, FaceNotFoundError
 
 MODULES = ("detection", "recognition")
 MIN_BOX_OVERLAP = 0.3          # a face must overlap a given face box this much (IoU) to be taken
-
-
-class FaceNotFoundError(FaceAlignError, ValueError):
-    """No face (or none inside the given face box) in a picture the identity metric needs."""
 
 
 def _recognizer_names(name: str) -> str:
@@ -114,7 +110,7 @@ def identity_similarity(reference: np.ndarray, identity: FaceIdentity) -> float:
 
 
 def face_embedder(analysis):
-    """What engine/scoring.Evaluator takes: (image [H, W, 3], box, label) -> unit embedding [D]."""
+    """What scoring.evaluator.Evaluator takes: (image [H, W, 3], box, label) -> unit embedding [D]."""
     def embed(image, box, label):
         return torch.from_numpy(face_identity(image, analysis, box, label).embedding).float()
     return embed

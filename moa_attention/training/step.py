@@ -13,7 +13,7 @@ from torch import nn
 from ..comfyui.subjects import fused_context
 from ..engine.adapter import MoAAdapter
 from ..engine.call_state import STATE_KEY, CallState, MoASettings
-from ..engine.metrics import auroc, change_inside_outside
+from ..scoring.metrics import auroc, change_inside_outside
 from .capture import LossCapture, share_map
 from .config import TrainConfig
 from .encode import Example

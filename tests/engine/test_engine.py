@@ -233,7 +233,7 @@ def test_adapter_file_round_trip_with_plain_torch(net, tmp_path):
 
 
 def test_metrics_auroc_and_change_inside_outside():
-    from comfyui_moa.moa_attention.engine.metrics import auroc, change_inside_outside, cosine, psnr
+    from comfyui_moa.moa_attention.scoring.metrics import auroc, change_inside_outside, cosine, psnr
     labels = torch.tensor([0, 0, 1, 1])
     assert auroc(torch.tensor([0.1, 0.2, 0.8, 0.9]), labels) == 1.0
     assert auroc(torch.tensor([0.9, 0.8, 0.2, 0.1]), labels) == 0.0

@@ -11,7 +11,7 @@ import torch
 
 def test_ssim_matches_scikit_image_and_is_one_for_identical_images():
     skm = pytest.importorskip("skimage.metrics")
-    from comfyui_moa.moa_attention.engine.metrics import ssim
+    from comfyui_moa.moa_attention.scoring.metrics import ssim
     g = torch.Generator().manual_seed(0)
     a = torch.rand(1, 64, 64, 3, generator=g)
     b = (a + 0.08 * torch.randn(a.shape, generator=g)).clamp(0, 1)
@@ -23,7 +23,7 @@ def test_ssim_matches_scikit_image_and_is_one_for_identical_images():
 
 
 def test_context_preservation_inside_vs_outside():
-    from comfyui_moa.moa_attention.engine.metrics import context_preservation
+    from comfyui_moa.moa_attention.scoring.metrics import context_preservation
     g = torch.Generator().manual_seed(1)
     base = torch.rand(1, 32, 32, 3, generator=g)
     mask = torch.zeros(32, 32)
@@ -41,7 +41,7 @@ def test_context_preservation_inside_vs_outside():
 
 
 def test_router_shares():
-    from comfyui_moa.moa_attention.engine.metrics import router_shares
+    from comfyui_moa.moa_attention.scoring.metrics import router_shares
     mask = torch.zeros(64, 64)
     mask[:, :32] = 1
     share = torch.zeros(8, 8)
@@ -52,7 +52,7 @@ def test_router_shares():
 
 
 def test_report_writes_inf_as_inf_and_nan_as_missing():
-    from comfyui_moa.moa_attention.engine import report
+    from comfyui_moa.moa_attention.scoring import report
     assert report.format_value(math.inf) == "inf" and report.format_value(float("nan")) == "n/a"
     assert report.csv_value(math.inf) == "inf" and report.csv_value(float("nan")) == ""
     assert json.dumps([report.json_value(math.inf), report.json_value(float("nan"))]) == '["inf", null]'
@@ -64,7 +64,7 @@ def test_report_writes_inf_as_inf_and_nan_as_missing():
 
 
 def test_grid_and_difference_image():
-    from comfyui_moa.moa_attention.engine.report import comparison_grid, difference_image
+    from comfyui_moa.moa_attention.scoring.report import comparison_grid, difference_image
     a = torch.zeros(40, 60, 3)
     b = a.clone()
     b[10:20, 10:20] = 1
@@ -78,7 +78,7 @@ def test_grid_and_difference_image():
 
 
 def test_scoring_computes_what_it_can_and_names_what_it_cannot():
-    from comfyui_moa.moa_attention.engine.scoring import Evaluator, Picture
+    from comfyui_moa.moa_attention.scoring.evaluator import Evaluator, Picture
     calls = []
 
     def face(image, box, label):

@@ -1,6 +1,6 @@
 """One picture's evaluation numbers, the same for MoA Evaluate and `python -m moa_attention.evaluate`.
 
-The engine knows no face or CLIP model: the caller hands in the embedding functions (built from
+Scoring knows no face or CLIP model: the caller hands in the embedding functions (built from
 faces/identity.py and comfyui/clip_scores.py), and this module does the rest — reference
 embeddings (cached), cosines, context preservation against the baseline, the router's shares —
 and records every metric that cannot be computed as a per-picture error while the others still
