@@ -63,6 +63,3 @@ class AdapterCache:
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return entry[1]
-
-    def __len__(self) -> int:
-        return len(self._entries)

@@ -146,20 +146,6 @@ def prompt_fidelity(clip, clip_vision, images: torch.Tensor, prompts: list[str])
     return [float(img[i] @ texts[prompts[0] if len(prompts) == 1 else prompts[i]]) for i in range(img.shape[0])]
 
 
-def subject_similarity(clip_vision, references: torch.Tensor, reference_masks: torch.Tensor | None,
-                       images: torch.Tensor, masks: torch.Tensor | None) -> list[float]:
-    """Cosine of the CLIP image embedding of each picture's masked subject crop with the references'
-    mean embedding (the same crops MoA Subject feeds the image encoder)."""
-    embed = subject_embedder(clip_vision)
-    ref = embed(references, reference_masks, "reference")
-    out = []
-    for i in range(images.shape[0]):
-        m = None if masks is None else masks[min(i, masks.shape[0] - 1)][None]
-        f = embed(images[i:i + 1, ..., :3], m, f"picture {i + 1}")
-        out.append(F.cosine_similarity(ref.float(), f.float(), dim=0).item())
-    return out
-
-
 def subject_embedder(clip_vision):
     """What scoring.evaluator.Evaluator takes: (images [N, H, W, 3], masks, label) -> mean embedding [D]."""
     if clip_vision is None:

@@ -106,13 +106,6 @@ def subject_regions(subjects: list[SubjectInput]) -> torch.Tensor | None:
     return regions
 
 
-def union_region(subjects: list[SubjectInput]) -> torch.Tensor | None:
-    """Where any subject may appear; None (anywhere) when one subject has no region."""
-    if any(s.region is None for s in subjects):
-        return None
-    return _regions_same_size(subjects).amax(dim=0)
-
-
 def subject_label(subject: SubjectInput) -> str:
     return f"MoA Subject '{subject.class_word}'"
 

@@ -15,8 +15,7 @@ from .unet_layers import LayerSpec, find_attention_layers, get_submodule
 
 BASE_SD15 = "sd15"
 IMAGE_ENCODER_CLIP_L14 = "clip_vit_l14"
-#: what each base expects of the text encoder output and of the image encoder's projected embeds
-BASE_DIMS = {BASE_SD15: {"text_dim": 768}}
+#: the width of each image encoder's projected embeds
 IMAGE_ENCODER_DIMS = {IMAGE_ENCODER_CLIP_L14: 768}
 
 
@@ -54,10 +53,6 @@ class MoAAdapter(nn.Module):
         self.layers = nn.ModuleDict({module_key(s.path): MoALayerWeights(s, config.expert, config.rank)
                                      for s in config.layers})
         self.fusion = FusionMLP(config.text_dim, config.image_dim, config.fusion_hidden)
-
-    @property
-    def specs(self) -> dict[str, LayerSpec]:
-        return {s.path: s for s in self.config.layers}
 
     def layer(self, path: str) -> MoALayerWeights:
         return self.layers[module_key(path)]

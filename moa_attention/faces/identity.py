@@ -98,12 +98,6 @@ def face_identity(image, analysis, box=None, label: str = "image") -> FaceIdenti
     return FaceIdentity(embedding=emb / norm, bbox=np.asarray(face.bbox, np.float64)[:4], score=float(face.det_score))
 
 
-def mean_identity(identities: list[FaceIdentity]) -> np.ndarray:
-    """Several reference photos of one person -> one unit embedding (their normalised mean)."""
-    mean = np.mean([i.embedding for i in identities], axis=0)
-    return mean / np.linalg.norm(mean)
-
-
 def identity_similarity(reference: np.ndarray, identity: FaceIdentity) -> float:
     """Cosine of a reference embedding and a picture's face: 1 = the same embedding."""
     return float(np.clip(np.dot(reference, identity.embedding), -1.0, 1.0))
