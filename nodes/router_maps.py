@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from ..moa_attention.comfyui.patch import get_controller
+from ..moa_attention.engine.masks import resize_mask
 from ..moa_attention.engine.router_maps import heat_colors
 from .common import CATEGORY, refusals, refuse
 
@@ -79,7 +79,7 @@ class MoARouterMaps:
         size = (lat.shape[-2] * LATENT_SCALE, lat.shape[-1] * LATENT_SCALE)
         if image is not None:
             size = tuple(image.shape[1:3])
-        mask = F.interpolate(share[:b, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
+        mask = resize_mask(share[:b], size).clamp(0, 1)
         colors = heat_colors(mask)
         if image is not None:
             base = image[:, :, :, :3].cpu().float()

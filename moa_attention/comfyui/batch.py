@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn import functional as F
 
 from ..engine.call_state import CallState, MoASettings, Observer, halving_grid
+from ..engine.masks import resize_mask
 
 
 @dataclass
@@ -82,10 +82,7 @@ def comfy_token_grid(latent_hw: tuple[int, int]):
 
 def _to_latent(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """[..., H, W] -> [C, h, w] at latent size (area-averaged: a pixel outside stays exactly 0)."""
-    m = mask.float().reshape(-1, *mask.shape[-2:])[None]
-    if m.shape[-2:] != tuple(latent_hw):
-        m = F.interpolate(m, size=latent_hw, mode="area")
-    return m[0]
+    return resize_mask(mask.reshape(-1, *mask.shape[-2:]), latent_hw, grow="nearest-exact")
 
 
 def _latent_regions(regions: list[torch.Tensor | None], latent_hw: tuple[int, int], device) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ import torch
 
 from ..engine.errors import MoAInputError
 from ..engine.fusion import FusionMLP, fuse_prompt
+from ..engine.masks import resize_mask
 from ..engine.morph import interpolate_features
 from ..engine.subject_images import prepare_subject_batch
 from .batch import SubjectBinding
@@ -71,13 +72,7 @@ def fused_context(fusion: FusionMLP, plain: torch.Tensor, positions: list[list[i
 def _regions_same_size(subjects: list[SubjectInput]) -> torch.Tensor:
     """[S, H, W] the subjects' regions at the first one's size."""
     size = subjects[0].region.shape[-2:]
-    out = []
-    for s in subjects:
-        r = s.region.float().cpu()
-        if r.shape[-2:] != size:
-            r = torch.nn.functional.interpolate(r[None, None], size=size, mode="bilinear")[0, 0]
-        out.append(r.clamp(0, 1))
-    return torch.stack(out)
+    return torch.stack([resize_mask(s.region.cpu(), size).clamp(0, 1) for s in subjects])
 
 
 def subject_regions(subjects: list[SubjectInput]) -> torch.Tensor | None:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.nn import functional as F
 
 from .errors import MoAInputError
+from .masks import resize_mask
 
 STATE_KEY = "moa_state"
 
@@ -91,10 +91,7 @@ class CallState:
         entirely outside a mask stays exactly 0)."""
         key = (name, h, w, like.device)
         if key not in self._region_cache:
-            r = masks.to(device=like.device, dtype=torch.float32)
-            if r.shape[-2:] != (h, w):
-                mode = "area" if r.shape[-2] >= h and r.shape[-1] >= w else "nearest-exact"
-                r = F.interpolate(r, size=(h, w), mode=mode)
+            r = resize_mask(masks.to(device=like.device), (h, w), grow="nearest-exact")
             self._region_cache[key] = r.flatten(2).contiguous()
         return self._region_cache[key]
 

@@ -7,10 +7,10 @@ the UNet runs on: copying each layer's map to the CPU would stall a GPU 32 times
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from .call_state import LayerEvent
 from .errors import MoAInputError
+from .masks import share_on_latent
 
 
 class RouterRecorder:
@@ -71,10 +71,7 @@ class RouterRecorder:
     def record(self, path: str, share: torch.Tensor, hw: tuple[int, int], latent_index: list[int],
                latent_hw: tuple[int, int], batch_size: int) -> None:
         """share [R, N, 1] personalized share of the R personalized rows of one layer call."""
-        grid = share.detach().float().reshape(share.shape[0], 1, *hw)
-        if hw != tuple(latent_hw):
-            grid = F.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False)
-        grid = grid[:, 0]
+        grid = share_on_latent(share, hw, latent_hw)
         if self.latent_hw != tuple(latent_hw) or batch_size > self.batch_size:
             if self.latent_hw is not None and self.latent_hw != tuple(latent_hw):
                 self.reset()

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.nn import functional as F
 
+from ..engine.masks import resize_mask
+
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the ROC curve of `scores` predicting binary `labels` (any shapes, same numel):
@@ -29,17 +31,6 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks[order] = mean_rank[inverse]
     u = ranks[y].sum().item() - n_pos * (n_pos + 1) / 2
     return u / (n_pos * n_neg)
-
-
-def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """[..., H, W] mask in [0, 1] -> [..., h, w] (area-averaged when shrinking)."""
-    if tuple(mask.shape[-2:]) == tuple(hw):
-        return mask.float()
-    lead = mask.shape[:-2]
-    m = mask.float().reshape(-1, 1, *mask.shape[-2:])
-    mode = "area" if m.shape[-2] >= hw[0] and m.shape[-1] >= hw[1] else "bilinear"
-    out = F.interpolate(m, size=hw, mode=mode, **({} if mode == "area" else {"align_corners": False}))
-    return out.reshape(*lead, *hw)
 
 
 def channels_first(x: torch.Tensor) -> torch.Tensor:

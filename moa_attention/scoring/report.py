@@ -10,6 +10,8 @@ import math
 import torch
 from torch.nn import functional as F
 
+from ..engine.masks import resize_mask
+
 # (key, column title, digits, how to read it) in the order every report shows them
 METRICS: tuple[tuple[str, str, int, str], ...] = (
     ("identity_arcface", "id ArcFace", 3, "cosine of ArcFace face embeddings, reference vs picture (higher = same person)"),
@@ -124,10 +126,7 @@ def difference_image(baseline: torch.Tensor, other: torch.Tensor, mask: torch.Te
     d = ((other.float() - baseline.float()).abs().mean(dim=-1) * gain).clamp(0, 1)
     out = d[..., None].expand(*d.shape, 3).clone()
     if mask is not None:
-        m = mask.float()
-        if tuple(m.shape) != tuple(d.shape):
-            m = F.interpolate(m[None, None], size=d.shape, mode="bilinear", align_corners=False)[0, 0]
-        edge = mask_outline(m) > 0
+        edge = mask_outline(resize_mask(mask, d.shape)) > 0
         out[edge] = torch.tensor([0.1, 0.9, 0.2])
     return out
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.call_state import LayerEvent
+from ..engine.call_state import LayerEvent, halving_grid
+from ..engine.masks import share_on_latent
 
 
 def subject_attention_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
@@ -47,17 +48,11 @@ class LossCapture:
 def share_map(captured: list[Captured], latent_hw: tuple[int, int]) -> torch.Tensor:
     """[B, h, w] the personalized share averaged over every captured layer, each layer's grid
     brought to the latent's size (bilinear), detached: the map the metrics judge."""
-    from torch.nn import functional as F
-
-    from ..engine.call_state import halving_grid
     total = None
     with torch.no_grad():
         for c in captured:
-            hw = halving_grid(c.share.shape[1], latent_hw)
-            grid = c.share.detach().float().reshape(c.share.shape[0], 1, *hw)
-            if hw != tuple(latent_hw):
-                grid = F.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False)
-            total = grid[:, 0] if total is None else total + grid[:, 0]
+            grid = share_on_latent(c.share, halving_grid(c.share.shape[1], latent_hw), latent_hw)
+            total = grid if total is None else total + grid
     if total is None:
         raise ValueError("no MoA layer ran: nothing to average")
     return total / len(captured)

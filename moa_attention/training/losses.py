@@ -6,18 +6,15 @@ Every loss is a mean over the batch of a per-example value, so data-parallel ran
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from ..engine.call_state import halving_grid
+from ..engine.masks import resize_mask
 from .capture import Captured
 
 
 def masks_at(masks: torch.Tensor, n_tokens: int, latent_hw: tuple[int, int]) -> torch.Tensor:
     """[B, S, H, W] latent-resolution masks -> [B, S, n_tokens] at a layer's token grid."""
-    h, w = halving_grid(n_tokens, latent_hw)
-    if masks.shape[-2:] != (h, w):
-        masks = F.interpolate(masks, size=(h, w), mode="area")
-    return masks.flatten(2)
+    return resize_mask(masks, halving_grid(n_tokens, latent_hw)).flatten(2)
 
 
 def _masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
