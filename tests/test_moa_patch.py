@@ -145,10 +145,8 @@ def test_region_mask_keeps_the_layer_output_outside_exactly_prior(engine, tiny_m
     ctx = torch.randn(2, 77, 768)
     region = torch.zeros(h, w)
     region[:, : w // 2] = 1.0
-    state = call_state.CallState(rows=torch.tensor([0, 1]), personal_context=ctx + 1.0,
-                                 regions=region[None, None].repeat(2, 1, 1, 1), latent_index=[0, 1],
-                                 settings=call_state.MoASettings(hard=hard), latent_hw=(h, w),
-                                 latent_batch=2)
+    state = call_state.CallState.whole_batch(ctx + 1.0, (h, w), call_state.MoASettings(hard=hard),
+                                             regions=region[None, None].repeat(2, 1, 1, 1))
     opts = {"activations_shape": [2, spec.query_dim, h, w]}
     with torch.no_grad():
         ref = prior(x, context=ctx)

@@ -96,9 +96,8 @@ def ddim(unet, ac: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor, uncond
         opts = {}
         if fused is not None:
             capture = LossCapture([])
-            opts = {STATE_KEY: CallState(rows=torch.arange(b, 2 * b), personal_context=fused, regions=None,
-                                         latent_index=list(range(b)), settings=settings or MoASettings(),
-                                         latent_hw=tuple(x.shape[-2:]), latent_batch=b, observers=(capture,))}
+            opts = {STATE_KEY: CallState.whole_batch(fused, tuple(x.shape[-2:]), settings, observers=(capture,),
+                                                     first_row=b)}
         eps = unet(torch.cat([x, x]), t.float().expand(2 * b), context=torch.cat([uncond, cond]),
                    transformer_options=opts).float()
         if fused is not None:

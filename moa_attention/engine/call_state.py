@@ -77,6 +77,19 @@ class CallState:
     subject_regions: torch.Tensor | None = None    # [R, S, H, W], disjoint
     _region_cache: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def whole_batch(cls, personal_context: torch.Tensor, latent_hw: tuple[int, int],
+                    settings: MoASettings | None = None, observers: tuple[Observer, ...] = (),
+                    regions: torch.Tensor | None = None, first_row: int = 0) -> "CallState":
+        """Every latent of a batch personalized, latent i with personal_context[i] ([B, L, D]),
+        as the trainer and plain-torch samplers run the UNet: its rows first_row ..
+        first_row + B - 1 (first_row = B when the batch is [uncond, cond] for guidance)."""
+        b = personal_context.shape[0]
+        return cls(rows=torch.arange(first_row, first_row + b, device=personal_context.device),
+                   personal_context=personal_context, regions=regions, latent_index=list(range(b)),
+                   settings=settings or MoASettings(), latent_hw=(int(latent_hw[0]), int(latent_hw[1])),
+                   latent_batch=b, observers=tuple(observers))
+
     def grid(self, n_tokens: int, transformer_options: dict) -> tuple[int, int]:
         if self.token_grid is not None:
             return self.token_grid(n_tokens, transformer_options)

@@ -72,9 +72,7 @@ class MoATrainStep(nn.Module):
         noisy_m, text_m, t_m = noisy.to(dtype), text.to(dtype), timesteps.float()
         capture = LossCapture([e.positions for e in batch])
         hw = (int(x0.shape[-2]), int(x0.shape[-1]))
-        state = CallState(rows=torch.arange(len(batch), device=device), personal_context=fused.to(dtype),
-                          regions=None, latent_index=list(range(len(batch))), settings=settings or MoASettings(),
-                          latent_hw=hw, latent_batch=len(batch), observers=(capture,))
+        state = CallState.whole_batch(fused.to(dtype), hw, settings, observers=(capture,))
         pred = self.unet(noisy_m, t_m, context=text_m, transformer_options={STATE_KEY: state}).float()
         base = None
         if with_base:

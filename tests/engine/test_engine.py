@@ -71,9 +71,7 @@ class TinyNet(nn.Module):
 
 
 def state_for(x, fused, settings=None, regions=None, observers=()):
-    b = x.shape[0]
-    return CallState(rows=torch.arange(b), personal_context=fused, regions=regions, latent_index=list(range(b)),
-                     settings=settings or MoASettings(), latent_hw=(8, 8), latent_batch=b, observers=observers)
+    return CallState.whole_batch(fused, (8, 8), settings, observers=observers, regions=regions)
 
 
 def force_router(ad, personal: bool):
