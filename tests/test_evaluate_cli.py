@@ -110,7 +110,7 @@ def test_cli_writes_the_table_and_per_row_errors(folder):
     assert float(by["cat face"]["identity_arcface"]) < float(good["identity_arcface"]) - 0.2
     assert by["missing file"]["status"] == "error" and "image file not found" in by["missing file"]["errors"]
     broken = next(r for r in rows if r["line"] == "4")
-    assert broken["status"] == "error" and "malformed JSON" in broken["errors"]
+    assert broken["status"] == "error" and "not valid JSON" in broken["errors"]
     mism = by["size mismatch"]
     assert mism["status"] == "partial" and "baseline is 256x256 but the picture is 512x512" in mism["errors"]
     assert mism["identity_arcface"] != "" and mism["psnr_outside"] == ""

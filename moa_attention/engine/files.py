@@ -1,8 +1,11 @@
-"""Writing files so that a crash or a reader never sees half of one."""
+"""Files: written so that a crash or a reader never sees half of one, and the JSON-lines
+manifests (the trainer's dataset, the evaluation folder) read with one rule."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,3 +33,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+@dataclass(frozen=True)
+class JsonLine:
+    """One line of a JSON-lines file: its object, or (value None) why it is not one."""
+    line: int                     # 1-based, as an editor shows it
+    value: dict | None
+    problem: str = ""
+
+
+def read_json_lines(path: str | os.PathLike) -> list[JsonLine]:
+    """Every line of a UTF-8 JSON-lines file but blank ones and `#` comments: its JSON object,
+    or the reason it is not one, so a caller can report every bad line at once."""
+    out = []
+    for i, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            out.append(JsonLine(i, None, f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(value, dict):
+            out.append(JsonLine(i, None, f"expected a JSON object, got {type(value).__name__}"))
+            continue
+        out.append(JsonLine(i, value))
+    return out

@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine.files import JsonLine, read_json_lines
+
 MANIFEST = "manifest.jsonl"
 PATH_KEYS = ("image", "baseline", "mask", "router_map", "latent", "baseline_latent")
 KNOWN_KEYS = {*PATH_KEYS, "label", "prompt", "references", "reference", "reference_masks", "face_box",
@@ -68,9 +70,8 @@ def _paths(value, key: str, folder: Path) -> list[Path]:
     return [folder / v for v in items]
 
 
-def parse_line(obj, line: int, folder: Path) -> Entry:
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+def parse_line(obj: dict, line: int, folder: Path) -> Entry:
+    """One manifest object as an Entry; ValueError with the reason when it cannot be one."""
     image = obj.get("image")
     if not isinstance(image, str) or not image:
         raise ValueError('"image" (the generated picture\'s path) is missing')
@@ -106,18 +107,13 @@ def read_manifest(folder: Path, name: str = MANIFEST) -> list[Entry | BadLine]:
     if not path.is_file():
         raise FileNotFoundError(f"no {name} in {folder}: write one line per generated picture, e.g. "
                                 f'{{"image": "moa/0001.png", "baseline": "base/0001.png", "mask": "masks/0001.png"}}')
-    out: list[Entry | BadLine] = []
-    for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        text = raw.strip()
-        if not text or text.startswith("#"):
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            out.append(BadLine(i, f"malformed JSON ({e.msg} at column {e.colno})"))
-            continue
-        try:
-            out.append(parse_line(obj, i, Path(folder)))
-        except ValueError as e:
-            out.append(BadLine(i, str(e), obj.get("image", "") if isinstance(obj, dict) else ""))
-    return out
+    return [_entry(row, Path(folder)) for row in read_json_lines(path)]
+
+
+def _entry(row: JsonLine, folder: Path) -> Entry | BadLine:
+    if row.value is None:
+        return BadLine(row.line, row.problem)
+    try:
+        return parse_line(row.value, row.line, folder)
+    except ValueError as e:
+        return BadLine(row.line, str(e), str(row.value.get("image") or ""))

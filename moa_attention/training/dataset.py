@@ -17,14 +17,15 @@ number before any training starts.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..engine.files import read_json_lines
 
 MANIFEST = "manifest.jsonl"
 
@@ -88,70 +89,84 @@ def read_manifest(root: str | Path) -> tuple[list[Record], list[Problem]]:
     if not manifest.is_file():
         return [], [Problem(0, f"no {MANIFEST} in {root}")]
     records, problems = [], []
-    for line_no, raw in enumerate(manifest.read_text().splitlines(), start=1):
-        if not raw.strip():
+    for row in read_json_lines(manifest):
+        if row.value is None:
+            problems.append(Problem(row.line, row.problem))
             continue
-        row_problems: list[Problem] = []
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(line_no, f"not valid JSON ({e.msg})"))
-            continue
-        if not isinstance(row, dict):
-            problems.append(Problem(line_no, "a row must be a JSON object"))
-            continue
-        caption = row.get("caption")
-        if not isinstance(caption, str) or not caption.strip():
-            row_problems.append(Problem(line_no, "caption: missing or empty"))
-            caption = ""
-        image = _check_file(root, row.get("image"), "image", line_no, row_problems)
-        subjects_raw = row.get("subjects")
-        if not isinstance(subjects_raw, list) or not subjects_raw:
-            row_problems.append(Problem(line_no, "subjects: expected a non-empty list"))
-            subjects_raw = []
-        words = _words(caption)
-        subjects = []
-        for i, s in enumerate(subjects_raw, start=1):
-            label = f"subject {i}"
-            if not isinstance(s, dict):
-                row_problems.append(Problem(line_no, f"{label}: expected an object"))
-                continue
-            word = s.get("class_word")
-            if not isinstance(word, str) or not word.strip():
-                row_problems.append(Problem(line_no, f"{label}: class_word missing"))
-            elif word.lower() not in words:
-                row_problems.append(Problem(line_no, f"{label}: class word '{word}' not in caption {caption!r}"))
-            mask = _check_file(root, s.get("mask"), f"{label} mask", line_no, row_problems)
-            if mask and image and mask[1] != image[1]:
-                row_problems.append(Problem(line_no, f"{label} mask: size {mask[1][0]}x{mask[1][1]} differs from "
-                                                     f"image size {image[1][0]}x{image[1][1]}"))
-            refs_raw = s.get("references")
-            if not isinstance(refs_raw, list) or not refs_raw:
-                row_problems.append(Problem(line_no, f"{label}: references must be a non-empty list of files"))
-                refs_raw = []
-            refs = [_check_file(root, r, f"{label} reference", line_no, row_problems) for r in refs_raw]
-            ref_masks_raw = s.get("reference_masks")
-            ref_masks = None
-            if ref_masks_raw is not None:
-                if not isinstance(ref_masks_raw, list) or len(ref_masks_raw) != len(refs_raw):
-                    row_problems.append(Problem(line_no, f"{label}: reference_masks must list one mask per reference"))
-                else:
-                    ref_masks = [_check_file(root, r, f"{label} reference mask", line_no, row_problems)
-                                 for r in ref_masks_raw]
-                    for ref, rm in zip(refs, ref_masks):
-                        if ref and rm and ref[1] != rm[1]:
-                            row_problems.append(Problem(line_no, f"{label} reference mask: size differs from its "
-                                                                 f"reference ({rm[1]} vs {ref[1]})"))
-            if mask and all(refs) and (ref_masks is None or all(ref_masks)):
-                subjects.append(SubjectRecord(word, mask[0], [r[0] for r in refs],
-                                              [m[0] for m in ref_masks] if ref_masks else None))
-        if row_problems:
-            problems.extend(row_problems)
-        elif image:
-            records.append(Record(line_no, image[0], caption, subjects))
+        check = _RowCheck(root, row.line)
+        record = check.record(row.value)
+        problems += check.problems
+        if record is not None:
+            records.append(record)
     if not records and not problems:
         problems.append(Problem(0, f"{MANIFEST} has no rows"))
     return records, problems
+
+
+@dataclass
+class _RowCheck:
+    """The checks of one manifest row; every problem found is kept, not only the first."""
+    root: Path
+    line: int
+    problems: list[Problem] = field(default_factory=list)
+
+    def problem(self, message: str) -> None:
+        self.problems.append(Problem(self.line, message))
+
+    def file(self, rel: object, what: str) -> tuple[Path, tuple] | None:
+        return _check_file(self.root, rel, what, self.line, self.problems)
+
+    def record(self, row: dict) -> Record | None:
+        caption = row.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            self.problem("caption: missing or empty")
+            caption = ""
+        image = self.file(row.get("image"), "image")
+        subjects_raw = row.get("subjects")
+        if not isinstance(subjects_raw, list) or not subjects_raw:
+            self.problem("subjects: expected a non-empty list")
+            subjects_raw = []
+        subjects = [self.subject(f"subject {i}", s, caption, image) for i, s in enumerate(subjects_raw, start=1)]
+        if self.problems or image is None:
+            return None
+        return Record(self.line, image[0], caption, subjects)
+
+    def subject(self, label: str, s: object, caption: str, image: tuple | None) -> SubjectRecord | None:
+        if not isinstance(s, dict):
+            self.problem(f"{label}: expected an object")
+            return None
+        word = s.get("class_word")
+        if not isinstance(word, str) or not word.strip():
+            self.problem(f"{label}: class_word missing")
+        elif word.lower() not in _words(caption):
+            self.problem(f"{label}: class word '{word}' not in caption {caption!r}")
+        mask = self.file(s.get("mask"), f"{label} mask")
+        if mask and image and mask[1] != image[1]:
+            self.problem(f"{label} mask: size {mask[1][0]}x{mask[1][1]} differs from image size "
+                         f"{image[1][0]}x{image[1][1]}")
+        refs, ref_masks = self.references(label, s)
+        if mask and all(refs) and (ref_masks is None or all(ref_masks)):
+            return SubjectRecord(word, mask[0], [r[0] for r in refs], [m[0] for m in ref_masks] if ref_masks else None)
+        return None
+
+    def references(self, label: str, s: dict) -> tuple[list, list | None]:
+        """The subject's reference photos and, when given, one mask per photo of the same size."""
+        refs_raw = s.get("references")
+        if not isinstance(refs_raw, list) or not refs_raw:
+            self.problem(f"{label}: references must be a non-empty list of files")
+            refs_raw = []
+        refs = [self.file(r, f"{label} reference") for r in refs_raw]
+        masks_raw = s.get("reference_masks")
+        if masks_raw is None:
+            return refs, None
+        if not isinstance(masks_raw, list) or len(masks_raw) != len(refs_raw):
+            self.problem(f"{label}: reference_masks must list one mask per reference")
+            return refs, None
+        masks = [self.file(r, f"{label} reference mask") for r in masks_raw]
+        for ref, rm in zip(refs, masks):
+            if ref and rm and ref[1] != rm[1]:
+                self.problem(f"{label} reference mask: size differs from its reference ({rm[1]} vs {ref[1]})")
+        return refs, masks
 
 
 def _load(path: Path, mode: str, size: int | None, resample: int) -> torch.Tensor:
