@@ -39,6 +39,10 @@ class Picture:
     baseline_latent: torch.Tensor | None = None      # [C, h, w]: the baseline's
 
 
+#: one metric group: (picture, its image [H, W, 3], its subject mask or None) -> {metric: value}
+Step = Callable[[Picture, torch.Tensor, "torch.Tensor | None"], dict]
+
+
 @dataclass
 class Evaluator:
     face_embedding: FaceEmbedding | None = None
@@ -63,72 +67,85 @@ class Evaluator:
         "errors": the reasons, one line per metric that was asked for but could not be computed."""
         out: dict = {k: float("nan") for k in METRIC_KEYS}
         errors: list[str] = []
-
-        def attempt(name: str, fn: Callable[[], None]) -> None:
+        image = p.image[..., :3].float()
+        mask = _fitting_mask(p.mask, image, errors)
+        for name, wanted, compute in self._steps(p):
+            if not wanted:
+                continue
             try:
-                fn()
+                out.update(compute(p, image, mask))
             except Exception as e:        # noqa: BLE001 - one metric's failure must not cost the others
                 errors.append(f"{name}: {e}")
-
-        image = p.image[..., :3].float()
-        h, w = image.shape[:2]
-        mask = p.mask
-        if mask is not None and tuple(mask.shape[-2:]) != (h, w):
-            errors.append(f"mask: its size {mask.shape[-1]}x{mask.shape[-2]} differs from the picture's {w}x{h}")
-            mask = None
-
-        if p.references is not None and self.face_embedding is not None:
-            def face():
-                refs = p.references
-                ref = self._reference("face", p, lambda: F.normalize(torch.stack([
-                    F.normalize(self.face_embedding(refs[i], p.reference_face_box, f"reference {i + 1}").float(), dim=0)
-                    for i in range(refs.shape[0])]).mean(0), dim=0))
-                emb = F.normalize(self.face_embedding(image, p.face_box, "picture").float(), dim=0)
-                out["identity_arcface"] = float((ref @ emb).clamp(-1, 1))
-            attempt("identity (ArcFace)", face)
-
-        if p.references is not None and self.subject_embedding is not None:
-            def subject():
-                ref = self._reference("clip", p, lambda: self.subject_embedding(p.references, p.reference_masks,
-                                                                                  "reference"))
-                emb = self.subject_embedding(image[None], None if mask is None else mask[None], "picture")
-                out["identity_clip"] = F.cosine_similarity(ref.float(), emb.float(), dim=0).item()
-            attempt("identity (CLIP)", subject)
-
-        if p.prompt and self.prompt_score is not None:
-            def prompt():
-                out["prompt_clip"] = float(self.prompt_score(image, p.prompt))
-            attempt("prompt (CLIP)", prompt)
-
-        if p.baseline is not None:
-            def context():
-                base = p.baseline[..., :3].float()
-                if base.shape != image.shape:
-                    raise ValueError(f"the baseline is {base.shape[1]}x{base.shape[0]} but the picture is {w}x{h}: "
-                                     f"compare pictures of one size (same seed and resolution)")
-                if mask is None:
-                    raise ValueError("needs the subject mask (where the subject is) to split inside from outside")
-                out.update(context_preservation(base[None], image[None], mask.float()).as_dict())
-            attempt("context", context)
-
-        if p.latent is not None and p.baseline_latent is not None:
-            def latent_context():
-                lat, base = p.latent.float(), p.baseline_latent.float()
-                if lat.shape != base.shape:
-                    raise ValueError(f"the baseline latent has shape {list(base.shape)}, the picture's "
-                                     f"{list(lat.shape)}: compare latents of one size")
-                if mask is None:
-                    raise ValueError("needs the subject mask (resized to the latent) to split inside from outside")
-                c = context_preservation(base[None], lat[None], mask.float(), peak=None)
-                out["latent_change_inside"], out["latent_change_outside"] = c.change_inside, c.change_outside
-            attempt("latent context", latent_context)
-
-        if p.router_map is not None:
-            def router():
-                if mask is None:
-                    raise ValueError("needs the subject mask to split the router's share into subject and background")
-                out.update({f"router_{k}": v for k, v in router_shares(p.router_map.float(), mask.float()).as_dict().items()})
-            attempt("router", router)
-
         out["errors"] = errors
         return out
+
+    def _steps(self, p: Picture) -> tuple[tuple[str, bool, Step], ...]:
+        """(name in the errors, whether the picture and the evaluator have what it needs, the step)."""
+        refs = p.references is not None
+        return (("identity (ArcFace)", refs and self.face_embedding is not None, self._face_identity),
+                ("identity (CLIP)", refs and self.subject_embedding is not None, self._subject_identity),
+                ("prompt (CLIP)", bool(p.prompt) and self.prompt_score is not None, self._prompt),
+                ("context", p.baseline is not None, _context),
+                ("latent context", p.latent is not None and p.baseline_latent is not None, _latent_context),
+                ("router", p.router_map is not None, _router))
+
+    def _face_identity(self, p: Picture, image: torch.Tensor, mask: torch.Tensor | None) -> dict:
+        """Cosine of the picture's ArcFace embedding with the references' normalised mean."""
+        def unit(picture: torch.Tensor, box, label: str) -> torch.Tensor:
+            return F.normalize(self.face_embedding(picture, box, label).float(), dim=0)
+
+        refs = p.references
+        ref = self._reference("face", p, lambda: F.normalize(torch.stack([
+            unit(refs[i], p.reference_face_box, f"reference {i + 1}") for i in range(refs.shape[0])]).mean(0), dim=0))
+        return {"identity_arcface": float((ref @ unit(image, p.face_box, "picture")).clamp(-1, 1))}
+
+    def _subject_identity(self, p: Picture, image: torch.Tensor, mask: torch.Tensor | None) -> dict:
+        """Cosine of the CLIP embeddings of the masked subject crops, references vs picture."""
+        ref = self._reference("clip", p, lambda: self.subject_embedding(p.references, p.reference_masks, "reference"))
+        emb = self.subject_embedding(image[None], None if mask is None else mask[None], "picture")
+        return {"identity_clip": F.cosine_similarity(ref.float(), emb.float(), dim=0).item()}
+
+    def _prompt(self, p: Picture, image: torch.Tensor, mask: torch.Tensor | None) -> dict:
+        return {"prompt_clip": float(self.prompt_score(image, p.prompt))}
+
+
+def _fitting_mask(mask: torch.Tensor | None, image: torch.Tensor, errors: list[str]) -> torch.Tensor | None:
+    """The subject mask when it has the picture's size; else None and the reason in `errors`."""
+    h, w = image.shape[:2]
+    if mask is not None and tuple(mask.shape[-2:]) != (h, w):
+        errors.append(f"mask: its size {mask.shape[-1]}x{mask.shape[-2]} differs from the picture's {w}x{h}")
+        return None
+    return mask
+
+
+def _needs_mask(mask: torch.Tensor | None, what: str) -> torch.Tensor:
+    if mask is None:
+        raise ValueError(f"needs the subject mask {what}")
+    return mask.float()
+
+
+def _context(p: Picture, image: torch.Tensor, mask: torch.Tensor | None) -> dict:
+    """Change, PSNR and SSIM against the baseline, inside and outside the subject."""
+    base = p.baseline[..., :3].float()
+    if base.shape != image.shape:
+        raise ValueError(f"the baseline is {base.shape[1]}x{base.shape[0]} but the picture is "
+                         f"{image.shape[1]}x{image.shape[0]}: compare pictures of one size (same seed and resolution)")
+    m = _needs_mask(mask, "(where the subject is) to split inside from outside")
+    return context_preservation(base[None], image[None], m).as_dict()
+
+
+def _latent_context(p: Picture, image: torch.Tensor, mask: torch.Tensor | None) -> dict:
+    """The same change on the sampler's latents, free of the VAE's decoding."""
+    lat, base = p.latent.float(), p.baseline_latent.float()
+    if lat.shape != base.shape:
+        raise ValueError(f"the baseline latent has shape {list(base.shape)}, the picture's "
+                         f"{list(lat.shape)}: compare latents of one size")
+    m = _needs_mask(mask, "(resized to the latent) to split inside from outside")
+    c = context_preservation(base[None], lat[None], m, peak=None)
+    return {"latent_change_inside": c.change_inside, "latent_change_outside": c.change_outside}
+
+
+def _router(p: Picture, image: torch.Tensor, mask: torch.Tensor | None) -> dict:
+    """The router's personalized share on the subject and on the background."""
+    m = _needs_mask(mask, "to split the router's share into subject and background")
+    return {f"router_{k}": v for k, v in router_shares(p.router_map.float(), m).as_dict().items()}
