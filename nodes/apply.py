@@ -49,18 +49,7 @@ class MoAApply:
               end_percent, routing):
         if not subjects:
             raise refuse(NODE, "subjects is empty. Connect a MoA Subject node")
-        if routing not in ROUTING:
-            raise refuse(NODE, f"routing must be one of {ROUTING}, got {routing!r}")
-        if not 0.0 <= strength <= MAX_STRENGTH:          # also NaN, which JSON and ComfyUI's range check let through
-            raise refuse(NODE, f"strength must be a number in [0, {MAX_STRENGTH}], got {strength}. Set it on the node "
-                               f"(1 = as trained)")
-        for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
-            if not 0.0 <= value <= 1.0:
-                raise refuse(NODE, f"{name} must be a number in [0, 1], got {value}. Set it on the node")
-        if start_percent > end_percent:
-            raise refuse(NODE, f"start_percent ({start_percent}) is after end_percent ({end_percent}). Make "
-                               f"start_percent the smaller one")
-        with refusals(NODE):
+        with refusals(NODE):        # strength and the schedule are checked by apply_moa, NaN included
             check_sd15_model(model)
             check_image_encoder(clip_vision, moa_adapter.config.image_encoder, moa_adapter.config.image_dim)
             conditioning, bindings = build_bindings(clip, clip_vision, moa_adapter.adapter.fusion, prompt, subjects)

@@ -84,8 +84,6 @@ class MoAFaceAlign:
         }
 
     def align(self, image, face_model, provider, size, crop_scale, if_no_face):
-        if if_no_face not in IF_NO_FACE:
-            raise refuse(NODE, f"if_no_face must be one of {IF_NO_FACE}, got {if_no_face!r}")
         root = face_model_root(face_model)
         with refusals(NODE):
             faces.find_face_models(root, face_model)    # folder errors before anything is imported

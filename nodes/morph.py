@@ -63,8 +63,6 @@ class MoASubjectMorph:
             raise refuse(NODE, f"mismatched subjects: subject_a has {len(subject_a)} subject(s), subject_b "
                                f"{len(subject_b)}. Chain as many MoA Subject nodes into each (the n-th morphs into "
                                f"the n-th)")
-        if mode not in MODES:
-            raise refuse(NODE, f"mode must be one of {MODES}, got {mode!r}")
         if any(s.morph_to is not None for s in list(subject_a) + list(subject_b)):
             raise refuse(NODE, "a subject is already a morph; morph plain MoA Subject outputs")
         samples = latent.get("samples") if isinstance(latent, dict) else None

@@ -57,8 +57,6 @@ class MoARouterMaps:
         controller = get_controller(model)
         if controller is None:
             raise refuse(NODE, "model has no MoA patch. Connect the MODEL output of MoA Apply")
-        if layers not in LAYER_SETS:
-            raise refuse(NODE, f"layers must be one of {LAYER_SETS}, got {layers!r}")
         recorder = controller.recorder
         if not recorder.layers:
             raise refuse(NODE, "nothing was recorded: no sampler has run this model with a subject yet. Connect this "
@@ -68,8 +66,6 @@ class MoARouterMaps:
         if not chosen:
             raise refuse(NODE, f"layers '{layers}' has no attention layers in this model (it has "
                                f"{len(recorder.layers)}: {recorder.layers[0]} ...). Choose 'all layers' or another set")
-        if subject < 0:
-            raise refuse(NODE, f"subject must be 0 (all subjects) or a subject's number, got {subject}")
         with refusals(NODE):
             share = recorder.average(chosen) if subject == 0 else recorder.subject_average(subject - 1, chosen)
         lat = samples["samples"]

@@ -44,12 +44,9 @@ class MoASubject:
         if not word or len(word.split()) != 1:
             raise refuse(label, f"class_word must be one word that appears in the prompt (e.g. 'dog'), "
                                 f"got {class_word!r}")
-        with refusals(label):
-            masks = check_images_and_masks(image, mask, label)
         if region is not None:
             region = region[0] if region.ndim == 3 else region
-            if not bool((region > 0.5).any()):
-                raise refuse(label, "the region mask is empty, so the subject could appear nowhere. "
-                                    "Paint where it may appear, or leave 'region' unconnected")
-        subject = SubjectInput(images=image, masks=masks, class_word=word, region=region)
+        with refusals(label):       # the photos and masks, and an empty region (SubjectInput refuses it)
+            masks = check_images_and_masks(image, mask, label)
+            subject = SubjectInput(images=image, masks=masks, class_word=word, region=region)
         return (list(previous or []) + [subject],)

@@ -254,14 +254,17 @@ def test_moa_strength_zero_regenerates_the_inverted_photo_bit_for_bit(comfy, eng
 
 
 def test_invert_photo_node_validates_its_inputs(comfy, tiny_model):
+    """The node refuses what ComfyUI cannot check (a size the latent would crop); the widgets' ranges
+    are ComfyUI's, and invert_latent refuses a bad step count for the Python API."""
+    from comfyui_moa.moa_attention.comfyui.inversion import invert_latent
     from comfyui_moa.moa_attention.engine.errors import MoAInputError
     from comfyui_moa.nodes.inversion import MoAInvertPhoto
     _, pos, neg = conds()
     node = MoAInvertPhoto()
     with pytest.raises(MoAInputError, match=r"MoA Invert Photo: image size 60x64 is not a multiple of 8.*to 56x64"):
         node.invert(tiny_model, None, torch.zeros(1, 64, 60, 3), pos, neg, 10, "normal", 1.0, 0)
-    with pytest.raises(MoAInputError, match=r"MoA Invert Photo: steps must be at least 1, got 0"):
-        node.invert(tiny_model, None, torch.zeros(1, 64, 64, 3), pos, neg, 0, "normal", 1.0, 0)
+    with pytest.raises(MoAInputError, match=r"^steps must be at least 1, got 0$"):
+        invert_latent(tiny_model, pos, neg, {"samples": _photo_latent()}, 0, "normal", 1.0)
 
 
 def test_inversion_sampler_node_plugs_into_sampler_custom(comfy, tiny_model):

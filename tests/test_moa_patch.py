@@ -105,6 +105,25 @@ def test_schedule_window_outside_the_run_is_the_base_model(comfy, engine, tiny_m
     assert not torch.equal(out_partial, base) and not torch.equal(out_partial, out_full)
 
 
+@pytest.mark.parametrize("knobs, message", [
+    ({"strength": float("nan")}, r"^strength must be a number in \[0, 3.0\], got nan \(0 = the base model"),
+    ({"strength": 3.5}, r"^strength must be a number in \[0, 3.0\], got 3.5 "),
+    ({"end_percent": float("nan")}, r"^end_percent must be a number in \[0, 1\], got nan$"),
+    ({"start_percent": -0.1}, r"^start_percent must be a number in \[0, 1\], got -0.1$"),
+    ({"start_percent": 0.6, "end_percent": 0.4}, r"^start_percent \(0.6\) is after end_percent \(0.4\)\. Make "),
+])
+def test_apply_moa_refuses_bad_knobs_and_leaves_the_model_alone(engine, tiny_model, knobs, message):
+    """apply_moa is where strength and the schedule are checked (MoA Apply relies on it): NaN,
+    which ComfyUI's widget range check lets through, is refused too, before anything is cloned."""
+    from comfyui_moa.moa_attention.engine.errors import MoAInputError
+    plain, _, _ = conds()
+    ad = fresh_adapter(engine, tiny_model)
+    patches = dict(tiny_model.object_patches)
+    with pytest.raises(MoAInputError, match=message):
+        engine[2].apply_moa(tiny_model, ad, bind(engine, plain), **knobs)
+    assert tiny_model.object_patches == patches and tiny_model.get_attachment("moa") is None
+
+
 def test_unmatched_prompt_runs_the_prior_and_warns(comfy, engine, tiny_model, caplog):
     plain, pos, neg = conds()
     other, pos_other, _ = conds(seed=5)

@@ -121,7 +121,7 @@ def _bad(name):
         return g, r"model is SD20 \(context_dim 1024\); MoA adapters run on SD1.5 models"
     if name == "NaN strength":              # JSON allows NaN and ComfyUI's range check lets it through
         g["apply"]["inputs"]["strength"] = float("nan")
-        return g, r"^MoA Apply: strength must be a number in \[0, 3.0\], got nan\. Set it on the node"
+        return g, r"^MoA Apply: strength must be a number in \[0, 3.0\], got nan \(0 = the base model"
     if name == "NaN end_percent":
         g["apply"]["inputs"]["end_percent"] = float("nan")
         return g, r"^MoA Apply: end_percent must be a number in \[0, 1\], got nan"

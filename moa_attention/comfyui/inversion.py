@@ -49,6 +49,8 @@ def invert_latent(model, positive, negative, latent: dict, steps: int, scheduler
     import comfy.sample
     import comfy.samplers
 
+    if int(steps) < 1:
+        raise MoAInputError(f"steps must be at least 1, got {steps}")
     check_prior_model(model)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()

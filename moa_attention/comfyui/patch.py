@@ -103,16 +103,27 @@ def model_attention_layers(model) -> list[LayerSpec]:
     return find_attention_layers(model.get_model_object("diffusion_model"))
 
 
+def check_settings(strength: float, start_percent: float, end_percent: float) -> None:
+    """MoA Apply's knobs, checked here once for the node and the Python API. NaN is refused too:
+    JSON carries it and ComfyUI's min/max check lets it through."""
+    if not 0.0 <= strength <= MAX_STRENGTH:
+        raise MoAInputError(f"strength must be a number in [0, {MAX_STRENGTH}], got {strength} (0 = the base model, "
+                            f"1 = as trained)")
+    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if not 0.0 <= value <= 1.0:
+            raise MoAInputError(f"{name} must be a number in [0, 1], got {value}")
+    if start_percent > end_percent:
+        raise MoAInputError(f"start_percent ({start_percent}) is after end_percent ({end_percent}). Make "
+                            f"start_percent the smaller one")
+
+
 def apply_moa(model, adapter: MoAAdapter | LoadedAdapter, bindings: list[SubjectBinding], *,
               strength: float = 1.0, start_percent: float = 0.0, end_percent: float = 1.0,
               hard_routing: bool = False):
     """Return a clone of `model` (a ComfyUI ModelPatcher) with MoA installed; `model` is untouched."""
     from comfy.patcher_extension import WrappersMP
 
-    if not 0.0 <= strength <= MAX_STRENGTH:      # also refuses NaN
-        raise MoAInputError(f"strength must be in [0, {MAX_STRENGTH}], got {strength}")
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise MoAInputError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent} and {end_percent}")
+    check_settings(strength, start_percent, end_percent)
     loaded = as_loaded(adapter)
     specs = model_attention_layers(model)
     check_adapter_fits(loaded.adapter, specs, loaded.name)

@@ -32,6 +32,11 @@ class SubjectInput:
     morph_to: "SubjectInput | None" = None
     factors: tuple[float, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.region is not None and not bool((self.region > 0.5).any()):
+            raise MoAInputError(f"{subject_label(self)}: the region mask is empty, so the subject could appear "
+                                f"nowhere. Paint where it may appear, or leave 'region' unconnected")
+
 
 # per image-encoder object (weakly held, so a freed encoder takes its entries along)
 _FEATURE_CACHE: "weakref.WeakKeyDictionary[object, OrderedDict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
@@ -89,9 +94,6 @@ def subject_regions(subjects: list[SubjectInput]) -> torch.Tensor | None:
     regions = _regions_same_size(subjects)
     solid = regions > 0.5
     for i in range(len(subjects)):
-        if not solid[i].any():
-            raise MoAInputError(f"{subject_label(subjects[i])}: the region mask is empty, so the subject could appear "
-                                f"nowhere. Paint where it may appear, or leave 'region' unconnected")
         for j in range(i):
             both = int((solid[i] & solid[j]).sum())
             if both:
