@@ -90,13 +90,9 @@ def parse_line(obj: dict, line: int, folder: Path) -> Entry:
     ref_masks = _paths(obj.get("reference_masks"), "reference_masks", folder)
     if ref_masks and len(ref_masks) != len(refs):
         raise ValueError(f"{len(refs)} reference(s) but {len(ref_masks)} reference mask(s): give one mask per reference")
+    paths = {key: folder / obj[key] if obj.get(key) else None for key in PATH_KEYS[1:]}
     return Entry(line=line, image=folder / image, label=str(obj.get("label") or image), prompt=prompt or None,
-                 baseline=folder / obj["baseline"] if obj.get("baseline") else None,
-                 mask=folder / obj["mask"] if obj.get("mask") else None,
-                 router_map=folder / obj["router_map"] if obj.get("router_map") else None,
-                 latent=folder / obj["latent"] if obj.get("latent") else None,
-                 baseline_latent=folder / obj["baseline_latent"] if obj.get("baseline_latent") else None,
-                 references=refs, reference_masks=ref_masks,
+                 **paths, references=refs, reference_masks=ref_masks,
                  face_box=_box(obj.get("face_box"), "face_box"),
                  reference_face_box=_box(obj.get("reference_face_box"), "reference_face_box"))
 

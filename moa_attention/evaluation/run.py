@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,37 +16,37 @@ from .manifest import MANIFEST, BadLine, Entry, read_manifest
 COLUMNS = ("line", "image", "label", "status", *METRIC_KEYS, "errors")
 
 
-def load_image(path: Path, what: str) -> torch.Tensor:
-    """[H, W, 3] float in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+def _must_exist(path: Path, what: str) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
+
+
+def _read_image(path: Path, what: str, pixels: Callable) -> torch.Tensor:
+    """pixels(PIL image) as a float tensor in [0, 1]; the reason in a ValueError when the file is no image."""
+    from PIL import Image, UnidentifiedImageError
+    _must_exist(path, what)
     try:
         with Image.open(path) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 255.0)
+            return torch.from_numpy(np.asarray(pixels(im), np.float32) / 255.0)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{what} {path} is not a readable image ({e})") from e
+
+
+def load_image(path: Path, what: str) -> torch.Tensor:
+    """[H, W, 3] float in [0, 1]."""
+    return _read_image(path, what, lambda im: im.convert("RGB"))
 
 
 def load_mask(path: Path, what: str) -> torch.Tensor:
     """[H, W] float in [0, 1] (white = 1); the alpha channel when the image has one."""
-    from PIL import Image, UnidentifiedImageError
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            band = im.getchannel("A") if "A" in im.getbands() else im.convert("L")
-            return torch.from_numpy(np.asarray(band, np.float32) / 255.0)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{what} {path} is not a readable image ({e})") from e
+    return _read_image(path, what, lambda im: im.getchannel("A") if "A" in im.getbands() else im.convert("L"))
 
 
 def load_latent(path: Path, what: str) -> torch.Tensor:
     """[C, h, w] from a .latent file (ComfyUI's Save Latent: key latent_tensor) or a .safetensors
     file holding one tensor."""
     from safetensors.torch import load_file
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+    _must_exist(path, what)
     try:
         tensors = load_file(str(path))
     except Exception as e:   # noqa: BLE001 - any unreadable file is the same refusal

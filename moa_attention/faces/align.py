@@ -247,7 +247,9 @@ def detect_faces(image: np.ndarray, analysis) -> list[DetectedFace]:
     return faces
 
 
-def pick_face(faces: list[DetectedFace], pick: str = "largest") -> DetectedFace | None:
+def pick_face(faces: list, pick: str = "largest"):
+    """The face with the largest box, or the most confident one; None when there is none. Takes
+    DetectedFace and insightface's own faces alike (both have bbox; "confident" needs score)."""
     if not faces:
         return None
     if pick == "largest":

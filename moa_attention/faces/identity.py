@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .align import (KNOWN_MODELS, find_face_models, import_insightface, load_face_analysis, resolve_providers,
-                    to_bgr_uint8)
+from .align import (KNOWN_MODELS, find_face_models, import_insightface, load_face_analysis, pick_face,
+                    resolve_providers, to_bgr_uint8)
 from .errors import FaceAlignError, FaceModelError, FaceNotFoundError
 
 MODULES = ("detection", "recognition")
@@ -90,7 +90,7 @@ def face_identity(image, analysis, box=None, label: str = "image") -> FaceIdenti
             raise FaceNotFoundError(f"{label}: no face inside the face box {box} (faces found at {found})")
         face = best
     else:
-        face = max(faces, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))
+        face = pick_face(faces, "largest")
     emb = np.asarray(face.embedding, np.float64).reshape(-1)
     norm = float(np.linalg.norm(emb))
     if not np.isfinite(norm) or norm == 0:
