@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..moa_attention.comfyui.inversion import check_prior_model, invert_latent, inversion_sampler
+from ..moa_attention.comfyui.inversion import invert_latent, inversion_sampler
 from .common import CATEGORY, refusals, refuse
 
 INVERT_NODE = "MoA Invert Photo"
@@ -75,8 +75,7 @@ class MoAInvertPhoto:
             raise refuse(INVERT_NODE, f"image size {w}x{h} is not a multiple of 8: the latent would crop it and the "
                                       f"photo could not come back. Resize or crop it to "
                                       f"{max(8, w // 8 * 8)}x{max(8, h // 8 * 8)} (Upscale Image / Image Crop)")
-        with refusals(INVERT_NODE):
-            check_prior_model(model)
+        with refusals(INVERT_NODE):     # invert_latent refuses a model carrying MoA, and a bad step count
             photo = {"samples": vae.encode(image[:, :, :, :3])}
             noise = invert_latent(model, positive, negative, photo, int(steps), scheduler, float(cfg), int(refine))
         return (noise, photo)
