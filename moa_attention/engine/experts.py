@@ -69,3 +69,17 @@ class PersonalExpert(nn.Module):
             return linear(x, p)
         base = prior_result if prior_result is not None else prior(x)
         return base + p(x)
+
+    def project_rows(self, name: str, x: torch.Tensor, prior: nn.Module,
+                     batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """project(name, x) for the rows `rows` of a batch whose prior input is `batch`, with the
+        weight matmul run on the batch's shape (x written into those rows). Half-precision CPU
+        matmuls split their sums by matrix shape, so the same rows projected as a smaller batch
+        can differ in the last bit; on the prior's shape an expert equal to the prior gives the
+        prior's result exactly. The low-rank delta only ever adds to it."""
+        if x.shape[1:] != batch.shape[1:] or x.shape == batch.shape:
+            return self.project(name, x, prior)
+        full = batch.index_copy(0, rows, x.to(batch.dtype))
+        if self.mode == "full":
+            return linear(full, self.proj[name])[rows]
+        return prior(full)[rows] + self.proj[name](x)

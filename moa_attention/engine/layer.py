@@ -4,7 +4,10 @@
 
 is the spec's r_prior * prior + r_personal * personal with r_prior = 1 - share, written so
 that share == 0 or personal == prior gives the prior bit for bit (the two-product form is
-off by ~1e-4 in fp32 because r_prior + r_personal != 1 after rounding).
+off by ~1e-4 in fp32 because r_prior + r_personal != 1 after rounding). For personal to equal
+prior bit for bit when the expert equals the prior, the expert reuses the prior's projection
+results or runs the prior's weights on the prior's shapes (half-precision CPU matmuls round by
+shape): the personalized rows of a batch are not projected as a smaller batch.
 """
 from __future__ import annotations
 
@@ -66,10 +69,11 @@ class MoAAttention(nn.Module):
             state: CallState | None = transformer_options.get(STATE_KEY)
             if state is not None and mask is None and state.settings.hard:
                 return self.hard_mix(x, q, k, v, state, transformer_options, ctx, value)
-            prior_out = self.to_out(self._attend(q, k, v, mask, transformer_options))
+            prior_attn = self._attend(q, k, v, mask, transformer_options)
+            prior_out = self.to_out(prior_attn)
             if state is None or mask is not None:
                 return prior_out
-            return self.mix(x, q, k, v, prior_out, state, transformer_options, ctx, value)
+            return self.mix(x, q, k, v, (prior_attn, prior_out), state, transformer_options, ctx, value)
 
     def routed_share(self, x: torch.Tensor, state: CallState,
                      transformer_options: dict) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -89,7 +93,8 @@ class MoAAttention(nn.Module):
         """Personalized keys/values of the personalized rows: attn1 attends to what the prior
         attended to (x, or what another pack's attn1 patch made of it), attn2 to the
         multimodal prompt: one (key, value) pair, or one per subject when subjects have their
-        own regions (each subject's prompt fuses only that subject's tokens)."""
+        own regions (each subject's prompt fuses only that subject's tokens), projected on the
+        prior's context shape (see PersonalExpert.project_rows)."""
         rows, expert = state.rows, self.moa.expert
         if self.kind == "attn1":
             kctx = x[rows] if context is None else context[rows]
@@ -98,8 +103,9 @@ class MoAAttention(nn.Module):
                      expert.project("to_v", vctx, self.to_v, v[rows]))]
         contexts = ([state.personal_context] if state.subject_contexts is None
                     else list(state.subject_contexts.unbind(1)))
-        return [(expert.project("to_k", c.to(x.dtype), self.to_k), expert.project("to_v", c.to(x.dtype), self.to_v))
-                for c in contexts]
+        vctx = context if value is None else value
+        return [(expert.project_rows("to_k", c.to(x.dtype), self.to_k, context, rows),
+                 expert.project_rows("to_v", c.to(x.dtype), self.to_v, vctx, rows)) for c in contexts]
 
     def subject_weights(self, state: CallState, hw: tuple[int, int], like: torch.Tensor):
         """[R, S, N, 1] per-subject pixel weights when the personalized attention has one
@@ -123,7 +129,9 @@ class MoAAttention(nn.Module):
 
     def hard_mix(self, x, q, k, v, state: CallState, transformer_options: dict, context=None, value=None):
         """Top-1 routing: each pixel is computed by one expert only. The prior's attention is
-        skipped for the pixels routed to the subject, the expert's for all the others."""
+        skipped for the pixels routed to the subject, the expert's for all the others; both
+        attentions then go through the prior's to_out in one call of the prior's shape, and the
+        expert's to_out delta is added on its pixels."""
         rows = state.rows
         share, hw = self.routed_share(x, state, transformer_options)
         if state.observers:
@@ -141,32 +149,45 @@ class MoAAttention(nn.Module):
             if keep.numel():
                 attn[r, keep] = self._attend(q[r:r + 1, keep], k[r:r + 1], v[r:r + 1], None, transformer_options)[0]
             selected.append(sel.nonzero().squeeze(1))
-        out = self.to_out(attn)
         if not any(s.numel() for s in selected):
-            return out
+            return self.to_out(attn)
+        personal_attn = self.hard_personal_attention(x, q, k, v, state, hw, selected, transformer_options, context, value)
+        for r, sel, a in personal_attn:
+            attn[r, sel] = a[0].to(attn.dtype)
+        out = self.to_out(attn)
+        to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
+        for r, sel, a in personal_attn:
+            with record_function("moa.expert"):
+                personal = self.moa.expert.project("to_out", a, to_out, out[r:r + 1, sel])[0]
+            with record_function("moa.mix"):
+                out[r, sel] = personal.to(out.dtype)
+        return out
+
+    def hard_personal_attention(self, x, q, k, v, state: CallState, hw, selected: list, transformer_options: dict,
+                                context=None, value=None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(row, pixels, the expert's attention output [1, P, C] there) for each personalized row
+        that has pixels routed to the expert."""
         with record_function("moa.expert"):
             kvs = self.personal_kv(x, k, v, state, context, value)
             weights = self.subject_weights(state, hw, x)
-        expert = self.moa.expert
-        to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
-        for i, r in enumerate(rows.tolist()):
+        expert, found = self.moa.expert, []
+        for i, r in enumerate(state.rows.tolist()):
             sel = selected[i]
             if sel.numel() == 0:
                 continue
             with record_function("moa.expert"):
                 qp = expert.project("to_q", x[r:r + 1, sel], self.to_q, q[r:r + 1, sel])
-                a = self.personal_attention(qp, [(kp[i:i + 1], vp[i:i + 1]) for kp, vp in kvs],
-                                            None if weights is None else weights[i:i + 1, :, sel], transformer_options)
-                personal = expert.project("to_out", a, to_out)[0]
-            with record_function("moa.mix"):
-                out[r, sel] = personal.to(out.dtype)
-        return out
+                found.append((r, sel, self.personal_attention(
+                    qp, [(kp[i:i + 1], vp[i:i + 1]) for kp, vp in kvs],
+                    None if weights is None else weights[i:i + 1, :, sel], transformer_options)))
+        return found
 
-    def mix(self, x, q, k, v, prior_out, state: CallState, transformer_options: dict,
+    def mix(self, x, q, k, v, prior: tuple[torch.Tensor, torch.Tensor], state: CallState, transformer_options: dict,
             context: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         """Soft routing: the personalized branch for the rows that carry a subject, blended in
-        per pixel by the router's share."""
+        per pixel by the router's share. `prior` is the prior's (attention, to_out) output."""
         rows = state.rows
+        prior_attn, prior_out = prior
         prior_r = prior_out[rows]
         share, hw = self.routed_share(x, state, transformer_options)
         with record_function("moa.expert"):
@@ -175,7 +196,7 @@ class MoAAttention(nn.Module):
             to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
             qp = expert.project("to_q", x[rows], self.to_q, q[rows])
             attn = self.personal_attention(qp, kvs, self.subject_weights(state, hw, x), transformer_options)
-            personal = expert.project("to_out", attn, to_out)
+            personal = expert.project_rows("to_out", attn, to_out, prior_attn, rows)
         with record_function("moa.mix"):
             mixed = prior_r + share.to(prior_r.dtype) * (personal - prior_r)
             out = prior_out.index_copy(0, rows, mixed)

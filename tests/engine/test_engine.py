@@ -115,6 +115,40 @@ def test_fresh_adapter_routed_to_the_expert_is_the_prior_bit_for_bit(net, expert
     assert torch.equal(out, base)
 
 
+class CrossOnly(nn.Module):
+    """One SD-sized cross-attention (320 channels, a 768-d prompt) for the bf16 test below."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Module()
+        self.block.attn2 = Attention(320, 768, heads=5)
+
+
+@pytest.mark.parametrize("expert", ["lowrank", "full"])
+@pytest.mark.parametrize("hard", [False, True])
+def test_fresh_adapter_in_bf16_is_the_prior_bit_for_bit_for_a_part_of_the_batch(expert, hard):
+    """Only the cond row of an [uncond, cond] batch is personalized. bf16 CPU matmuls split
+    their sums by matrix shape (with several threads, a 231 x 768 @ 768 x 320 product differs
+    in the last bit from the same rows taken out of a batch of 2), so the expert must run the
+    prior's projections on the prior's shapes to reproduce it."""
+    m = CrossOnly().to(torch.bfloat16).eval()
+    x, ctx = torch.randn(2, 256, 320).bfloat16(), torch.randn(2, 231, 768).bfloat16()
+    with torch.no_grad():
+        base = m.block.attn2(x, context=ctx)
+    ad = init_adapter_from_unet(m, expert=expert, rank=4, seed=0)
+    force_router(ad, personal=True)
+    state = CallState.whole_batch(ctx[1:], (16, 16), MoASettings(hard=hard), first_row=1)
+    uninstall = install_layers(m, ad)
+    try:
+        with torch.no_grad():
+            out = m.block.attn2(x, context=ctx, transformer_options={STATE_KEY: state})
+    finally:
+        uninstall()
+    assert ad.layer("block.attn2").router(x[1:].float()).eq(1.0).all()       # every pixel to the expert
+    assert torch.equal(out, base)
+
+
 def test_strength_zero_and_a_prior_router_give_the_prior_exactly(net):
     x, ctx = torch.randn(2, 64, DIM), torch.randn(2, 5, CTX)
     with torch.no_grad():
