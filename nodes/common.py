@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ..moa_attention.engine.errors import MoAError, MoAInputError
+from ..moa_attention.engine.finite import require_finite
 
 CATEGORY = "MoA"
 ADAPTER_TYPE = "MOA_ADAPTER"
@@ -52,3 +53,12 @@ def refusals(node: str) -> Iterator[None]:
 def refuse(node: str, message: str) -> MoAInputError:
     """A node's own input check: `raise refuse("MoA Apply", "routing must be ...")`."""
     return MoAInputError(f"{node}: {message}")
+
+
+def check_finite(node: str, **inputs) -> None:
+    """Refuse NaN/inf in the named IMAGE, MASK or LATENT inputs (None = unconnected), before
+    they spread into a black picture or NaN numbers: `check_finite(NODE, image=image)`."""
+    for name, value in inputs.items():
+        if value is not None:
+            with refusals(node):
+                require_finite(name, value)

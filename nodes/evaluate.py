@@ -9,7 +9,7 @@ from ..moa_attention.engine.router_maps import heat_colors
 from ..moa_attention.faces import align
 from ..moa_attention.scoring.evaluator import Evaluator, Picture
 from ..moa_attention.scoring.report import comparison_grid, difference_image, text_table
-from .common import CATEGORY, refusals, refuse
+from .common import CATEGORY, check_finite, refusals, refuse
 from .face_align import face_model_names, face_model_root
 
 NODE = "MoA Evaluate"
@@ -119,6 +119,9 @@ class MoAEvaluate:
         if images.ndim != 4 or images.shape[-1] < 3:
             raise refuse(NODE, f"images must be an IMAGE batch [B, H, W, 3], got shape {list(images.shape)}")
         b = images.shape[0]
+        check_finite(NODE, images=images, baseline=baseline, subject_mask=subject_mask, samples=samples,
+                     baseline_samples=baseline_samples, router_mask=router_mask, reference=reference,
+                     reference_mask=reference_mask)
         if reference_mask is not None and reference is None:
             raise refuse(NODE, "reference_mask is connected but reference is not: connect the reference photo(s)")
         with refusals(NODE):
@@ -139,7 +142,8 @@ class MoAEvaluate:
                     if pic.baseline is not None and pic.baseline.shape == pic.image.shape else None)
             heat = heat_colors(pic.router_map[None])[0] if pic.router_map is not None else None
             tiles.append([None if reference is None else reference[0], pic.baseline, pic.image, diff, heat])
-        text = _report(rows, images, baseline, subject_mask, reference, ev)
+        text = _report(rows, images, ev, baseline=baseline, subject_mask=subject_mask, reference=reference,
+                       samples=samples, baseline_samples=baseline_samples)
         grid = comparison_grid(tiles, tile=tile)
         return {"ui": {"text": [text]}, "result": (text, grid)}
 
@@ -152,8 +156,8 @@ def _cpu(t):
     return None if t is None else t.detach().cpu().float()
 
 
-def _report(rows, images, baseline, subject_mask, reference, ev: Evaluator) -> str:
-    lines = [f"MoA Evaluate: {images.shape[0]} picture(s), {images.shape[2]}x{images.shape[1]}"]
+def _skipped(ev: Evaluator, baseline, subject_mask, reference, samples, baseline_samples) -> list[str]:
+    """The metric groups not computed for want of an input, each with the input to connect."""
     skipped = []
     if reference is None:
         skipped.append("identity (connect reference)")
@@ -165,10 +169,37 @@ def _report(rows, images, baseline, subject_mask, reference, ev: Evaluator) -> s
         skipped.append("context preservation (connect baseline and subject_mask)")
     elif subject_mask is None:
         skipped.append("context preservation (connect subject_mask)")
+    if (samples is None) != (baseline_samples is None):
+        have, missing = ("samples", "baseline_samples") if baseline_samples is None else ("baseline_samples", "samples")
+        skipped.append(f"latent change ({have} is connected but {missing} is not: connect both sampler outputs, "
+                       f"the pictures' and the baseline's)")
+    return skipped
+
+
+def _mask_notes(subject_mask) -> list[str]:
+    """Why inside or outside numbers are missing: a subject mask with no subject, or no background."""
+    if subject_mask is None:
+        return []
+    masks = subject_mask.reshape(-1, *subject_mask.shape[-2:]) > 0.5
+    empty = [str(i + 1) for i in range(masks.shape[0]) if not bool(masks[i].any())]
+    full = [str(i + 1) for i in range(masks.shape[0]) if bool(masks[i].all())]
+    notes = []
+    if empty:
+        notes.append(f"subject_mask {', '.join(empty)} is empty (no pixel above 0.5): the numbers inside the subject "
+                     f"are missing (NaN). Connect a mask that covers the subject (1 = subject)")
+    if full:
+        notes.append(f"subject_mask {', '.join(full)} covers the whole picture: the numbers outside the subject are "
+                     f"missing (NaN). Connect a mask of the subject only")
+    return notes
+
+
+def _report(rows, images, ev: Evaluator, *, baseline, subject_mask, reference, samples, baseline_samples) -> str:
+    lines = [f"MoA Evaluate: {images.shape[0]} picture(s), {images.shape[2]}x{images.shape[1]}"]
+    skipped = _skipped(ev, baseline, subject_mask, reference, samples, baseline_samples)
     if skipped:
         lines.append("not computed: " + "; ".join(skipped))
     lines += ["", text_table(rows)]
-    problems = [f"{r['label']}: {e}" for r in rows for e in r["errors"]]
+    problems = _mask_notes(subject_mask) + [f"{r['label']}: {e}" for r in rows for e in r["errors"]]
     if problems:
         lines += ["", "problems:"] + [f"  {p}" for p in problems]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from ..moa_attention.faces import align as faces
-from .common import CATEGORY, INSIGHTFACE_FOLDER, refusals, refuse, register_insightface_folder
+from .common import CATEGORY, INSIGHTFACE_FOLDER, check_finite, refusals, refuse, register_insightface_folder
 
 NODE = "MoA Face Align"
 
@@ -84,6 +84,7 @@ class MoAFaceAlign:
         }
 
     def align(self, image, face_model, provider, size, crop_scale, if_no_face):
+        check_finite(NODE, image=image)
         root = face_model_root(face_model)
         with refusals(NODE):
             faces.find_face_models(root, face_model)    # folder errors before anything is imported

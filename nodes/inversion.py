@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from ..moa_attention.comfyui.inversion import invert_latent, inversion_sampler
-from .common import CATEGORY, refusals, refuse
+from .common import CATEGORY, check_finite, refusals, refuse
 
 INVERT_NODE = "MoA Invert Photo"
+SAMPLER_NODE = "MoA DDIM Inversion Sampler"
 MAX_REFINE = 10
 REFINE_TOOLTIP = ("0 = classic DDIM inversion. Each extra iteration solves the inversion step more exactly (one more "
                   "model call per step): the reconstruction gets closer to the photo.")
@@ -21,7 +22,7 @@ class MoADDIMInversionSampler:
     DESCRIPTION = ("A SAMPLER that runs DDIM inversion: it walks the sigmas upwards, turning a clean latent into the "
                    "noise that Euler/DDIM sampling on the same sigmas turns back into it. Use it in SamplerCustom "
                    "(add_noise off, cfg 1, the base model and a prompt describing the photo), with the SIGMAS you will "
-                   "regenerate with.")
+                   "regenerate with. A model from MoA Apply is refused when sampling starts (inversion runs the prior).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("SAMPLER",)
     RETURN_NAMES = ("sampler",)
@@ -33,7 +34,7 @@ class MoADDIMInversionSampler:
         return {"required": {"refine": ("INT", {"default": 0, "min": 0, "max": MAX_REFINE, "tooltip": REFINE_TOOLTIP})}}
 
     def get_sampler(self, refine):
-        return (inversion_sampler(int(refine)),)
+        return (inversion_sampler(int(refine), label=SAMPLER_NODE),)
 
 
 class MoAInvertPhoto:
@@ -75,6 +76,7 @@ class MoAInvertPhoto:
             raise refuse(INVERT_NODE, f"image size {w}x{h} is not a multiple of 8: the latent would crop it and the "
                                       f"photo could not come back. Resize or crop it to "
                                       f"{max(8, w // 8 * 8)}x{max(8, h // 8 * 8)} (Upscale Image / Image Crop)")
+        check_finite(INVERT_NODE, image=image)
         with refusals(INVERT_NODE):     # invert_latent refuses a model carrying MoA, and a bad step count
             photo = {"samples": vae.encode(image[:, :, :, :3])}
             noise = invert_latent(model, positive, negative, photo, int(steps), scheduler, float(cfg), int(refine))

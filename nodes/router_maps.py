@@ -6,7 +6,7 @@ import torch
 from ..moa_attention.comfyui.patch import get_controller
 from ..moa_attention.engine.masks import resize_mask
 from ..moa_attention.engine.router_maps import heat_colors
-from .common import CATEGORY, refusals, refuse
+from .common import CATEGORY, check_finite, refusals, refuse
 
 NODE = "MoA Router Maps"
 
@@ -54,6 +54,7 @@ class MoARouterMaps:
         }}
 
     def maps(self, model, samples, layers, image=None, opacity=0.5, subject=0):
+        check_finite(NODE, samples=samples, image=image)
         controller = get_controller(model)
         if controller is None:
             raise refuse(NODE, "model has no MoA patch. Connect the MODEL output of MoA Apply")

@@ -3,7 +3,20 @@ from __future__ import annotations
 
 from ..moa_attention.comfyui.subjects import SubjectInput
 from ..moa_attention.engine.subject_images import check_images_and_masks
-from .common import CATEGORY, SUBJECTS_TYPE, refusals, refuse
+from .common import CATEGORY, SUBJECTS_TYPE, check_finite, refusals, refuse
+
+
+def one_region(region, label: str):
+    """[H, W] from a MASK: one subject has one region. A batch of identical masks is that mask;
+    different masks are refused rather than all but one dropped."""
+    if region is None or region.ndim == 2:
+        return region
+    flat = region.reshape(-1, *region.shape[-2:])
+    if flat.shape[0] > 1 and not all(bool((m == flat[0]).all()) for m in flat[1:]):
+        raise refuse(label, f"region is a batch of {flat.shape[0]} different masks, but one subject has one region. "
+                            f"Combine them into one mask (MaskComposite, operation add) or, for several subjects, "
+                            f"give each its own MoA Subject with its own region")
+    return flat[0]
 
 
 class MoASubject:
@@ -32,7 +45,9 @@ class MoASubject:
                 "region": ("MASK", {"tooltip": "Optional: where in the generated picture this subject may appear "
                                                "(1 = allowed). Outside it the base model draws alone. Give every "
                                                "subject its own region (not overlapping) and each region's pixels "
-                                               "see only their own subject, so subjects do not blend."}),
+                                               "see only their own subject, so subjects do not blend. One mask "
+                                               "(a batch of different masks is refused); it applies to every "
+                                               "picture of the batch."}),
                 "previous": (SUBJECTS_TYPE, {"tooltip": "Subjects from another MoA Subject node, to build a "
                                                        "multi-subject list."}),
             },
@@ -44,8 +59,8 @@ class MoASubject:
         if not word or len(word.split()) != 1:
             raise refuse(label, f"class_word must be one word that appears in the prompt (e.g. 'dog'), "
                                 f"got {class_word!r}")
-        if region is not None:
-            region = region[0] if region.ndim == 3 else region
+        check_finite(label, image=image, mask=mask, region=region)
+        region = one_region(region, label)
         with refusals(label):       # the photos and masks, and an empty region (SubjectInput refuses it)
             masks = check_images_and_masks(image, mask, label)
             subject = SubjectInput(images=image, masks=masks, class_word=word, region=region)

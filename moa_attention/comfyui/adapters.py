@@ -2,7 +2,7 @@
 
 The engine's MoAAdapter is a plain nn.Module; what ComfyUI needs around it lives in a
 LoadedAdapter (the MOA_ADAPTER value that flows through the graph) instead of being stashed
-on the module.
+on the module; only a bare adapter handed to apply_moa carries its own (as_loaded says why).
 """
 from __future__ import annotations
 
@@ -41,8 +41,25 @@ class LoadedAdapter:
         return self._patchers[key]
 
 
+#: where a bare MoAAdapter keeps its LoadedAdapter (see as_loaded)
+_BARE_KEY = "_comfyui_moa_loaded"
+
+
 def as_loaded(adapter: MoAAdapter | LoadedAdapter, name: str = "adapter") -> LoadedAdapter:
-    return adapter if isinstance(adapter, LoadedAdapter) else LoadedAdapter(adapter, name)
+    """The LoadedAdapter of `adapter`; a bare MoAAdapter (the Python API) gets one, once.
+
+    Repeated apply_moa calls with one bare adapter must share its ModelPatcher (see `patcher`),
+    so the LoadedAdapter must live exactly as long as the adapter. It is kept on the adapter
+    itself: a global table, weak-keyed or not, would hold it through the patcher (which holds
+    the adapter) forever, and a weak value would let it die while the adapter lives. On the
+    module it is a reference cycle the garbage collector frees with the adapter."""
+    if isinstance(adapter, LoadedAdapter):
+        return adapter
+    loaded = adapter.__dict__.get(_BARE_KEY)
+    if loaded is None:
+        loaded = LoadedAdapter(adapter, name)
+        object.__setattr__(adapter, _BARE_KEY, loaded)
+    return loaded
 
 
 class AdapterCache:

@@ -23,12 +23,14 @@ class SubjectBinding:
     `fused` may hold one prompt per latent of the batch ([K, L, D], a morph sequence: latent i
     gets fused[i % K]). With per-subject regions, `subject_fused` [S, L, D] (or [K, S, L, D])
     holds one prompt per subject with only that subject's tokens fused, and `subject_regions`
-    [S, H, W] where each subject may appear; `region` is then their union."""
+    [S, H, W] where each subject may appear; `region` is then their union. `latent_batch`: how
+    many latents the morph made for the sampler (None without a morph)."""
     plain: torch.Tensor                     # [L, D]
     fused: torch.Tensor                     # [L, D] or [K, L, D]
     region: torch.Tensor | None = None      # [H, W] in [0, 1], image or latent space; None = anywhere
     subject_fused: torch.Tensor | None = None
     subject_regions: torch.Tensor | None = None
+    latent_batch: int | None = None
     _cast: dict = field(default_factory=dict, repr=False)
 
     def _cast_to(self, name: str, like: torch.Tensor) -> torch.Tensor:

@@ -12,16 +12,31 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.errors import MoAInputError
+from ..engine.errors import MoAError, MoAInputError
+from ..engine.finite import require_finite
 from ..engine.inversion import ddim_invert
 from .patch import get_controller
 
 
-def inversion_sampler(refine: int = 0):
+def _check_sampled(model, x: torch.Tensor, label: str | None) -> None:
+    """What SamplerCustom hands the inversion: the prior model (the guider's ModelPatcher, found
+    through the KSAMPLER's wrapper) and a finite latent. `label` leads the message (the node)."""
+    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
+    try:
+        if patcher is not None:
+            check_prior_model(patcher)
+        require_finite("the latent to invert", x)
+    except MoAError as e:
+        raise (e if label is None else e.with_prefix(label)) from None
+
+
+def inversion_sampler(refine: int = 0, label: str | None = None):
+    """The KSAMPLER; `label` (the node's name) leads its refusals, which surface in the sampler node."""
     import comfy.samplers
 
     def invert(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = {} if extra_args is None else extra_args
+        _check_sampled(model, x, label)
 
         def denoise(at, sigma):
             return model(at, sigma, **extra_args)

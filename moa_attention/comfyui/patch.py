@@ -57,12 +57,12 @@ class MoAController:
         self.settings = settings
         self.adapter_name = adapter.name
         self.recorder = RouterRecorder()
-        self._warned_unmatched = False
+        self._warned: set[str] = set()
         self._matched_this_run = False
 
     def outer_sample_wrapper(self, executor, *args, **kwargs):
         self.recorder.reset()
-        self._warned_unmatched = False
+        self._warned.clear()
         self._matched_this_run = False
         return executor(*args, **kwargs)
 
@@ -73,22 +73,41 @@ class MoAController:
             self._maybe_warn(context, transformer_options)
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         self._matched_this_run = True
+        self._check_sequence(state.latent_batch)
         options = dict(transformer_options)
         options[STATE_KEY] = state
         return executor(x, timesteps, context, y, control, options, **kwargs)
 
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        """Log `message` once per sampling run: the console says it without repeating it every step."""
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
     def _maybe_warn(self, context, transformer_options) -> None:
-        if self._warned_unmatched or self._matched_this_run or context is None:
+        if self._matched_this_run or context is None:
             return
         sigmas = transformer_options.get("sigmas")
         if sigmas is not None and not self.settings.active_at(float(sigmas.reshape(-1)[0])):
             return
         if 0 not in (transformer_options.get("cond_or_uncond") or [0]):
             return
-        self._warned_unmatched = True
-        log.warning("MoA (%s): no positive prompt in this batch is the one MoA Apply encoded, so no subject "
-                    "is applied. Connect MoA Apply's CONDITIONING output to the sampler's positive input.",
-                    self.adapter_name)
+        self._warn_once("unmatched", "MoA (%s): no positive prompt in this batch is the one MoA Apply encoded, so no "
+                        "subject is applied. Connect MoA Apply's CONDITIONING output to the sampler's positive "
+                        "input.", self.adapter_name)
+
+    def _check_sequence(self, latents: int) -> None:
+        """A morph sequence renders only from the morph's own LATENT output: latent i gets factor
+        i % K, so another latent (e.g. Empty Latent Image straight into the sampler) renders
+        other factors with other noise, or only factor 0."""
+        k = self.bindings[0].sequence_length if self.bindings else 1
+        expected = self.bindings[0].latent_batch if self.bindings else None
+        if k == 1 or latents == (expected if expected is not None else latents - latents % k):
+            return
+        self._warn_once("sequence", "MoA (%s): the sampler renders %d latent(s), but MoA Subject Morph made %s for "
+                        "its %d factors, so the pictures are not the morph sequence. Connect MoA Subject Morph's "
+                        "LATENT output to the sampler's latent_image.", self.adapter_name, latents,
+                        expected if expected is not None else f"a multiple of {k}", k)
 
 
 def original_attention(model, spec_path: str) -> torch.nn.Module:

@@ -31,6 +31,7 @@ class SubjectInput:
     # morphing: this subject's identity interpolated towards `morph_to`'s, one image per factor
     morph_to: "SubjectInput | None" = None
     factors: tuple[float, ...] = ()
+    latent_batch: int | None = None         # how many latents the morph's LATENT output holds
 
     def __post_init__(self) -> None:
         if self.region is not None and not bool((self.region > 0.5).any()):
@@ -125,6 +126,16 @@ def sequence_length(features: list[torch.Tensor]) -> int:
     return lengths.pop() if lengths else 1
 
 
+def morph_latent_batch(subjects: list[SubjectInput]) -> int | None:
+    """How many latents the morphs' LATENT output holds (None without a morph): the sampler that
+    renders the sequence must get that batch. Two morphs given different latents are refused."""
+    sizes = {s.latent_batch for s in subjects if s.latent_batch is not None}
+    if len(sizes) > 1:
+        raise MoAInputError(f"the morphed subjects were made for latents of different batch sizes "
+                            f"{sorted(sizes)}; connect the same latent to every MoA Subject Morph of one prompt")
+    return sizes.pop() if sizes else None
+
+
 def _fuse_all(fusion: FusionMLP, plain: torch.Tensor, positions: list[list[int]], features: list[torch.Tensor],
               k: int, only: int | None = None) -> torch.Tensor:
     """[L, D] (k == 1) or [k, L, D]: the prompt fused with every subject, or with subject `only`."""
@@ -146,6 +157,7 @@ def build_bindings(clip, clip_vision, fusion: FusionMLP, text: str,
     prompt = encode_prompt(clip, text, [s.class_word for s in subjects])
     features = [subject_features(clip_vision, s) for s in subjects]
     k = sequence_length(features)
+    latent_batch = morph_latent_batch(subjects)
     bindings = []
     for cond_tensor, _extra in prompt.conditioning:
         plain = cond_tensor[0].detach()
@@ -156,5 +168,6 @@ def build_bindings(clip, clip_vision, fusion: FusionMLP, text: str,
             per_subject = torch.stack([_fuse_all(fusion, cpu, prompt.positions, features, k, only=j)
                                        for j in range(len(subjects))], dim=-3).to(plain.dtype)
         bindings.append(SubjectBinding(plain=cpu, fused=fused, region=None if regions is None else regions.sum(0).clamp(0, 1),
-                                       subject_fused=per_subject, subject_regions=regions))
+                                       subject_fused=per_subject, subject_regions=regions,
+                                       latent_batch=latent_batch))
     return prompt.conditioning, bindings

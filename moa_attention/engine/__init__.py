@@ -6,5 +6,5 @@ observer events they emit), masks.py (masks and shares between the picture's, th
 a layer's grids), router_maps.py (an observer that averages shares), fusion.py and
 prompt_tokens.py (the multimodal prompt), subject_images.py (reference crops), adapter.py and
 adapter_file.py (the adapter module and its .safetensors format), files.py (atomic writes and the
-JSON-lines manifests), errors.py.
+JSON-lines manifests), finite.py (NaN/inf refused where inputs enter), errors.py.
 """

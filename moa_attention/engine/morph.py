@@ -32,3 +32,31 @@ def interpolate_features(a: torch.Tensor, b: torch.Tensor, factors) -> torch.Ten
     factors = check_factors(factors)
     a, b = a.float(), b.float()
     return torch.stack([torch.lerp(a, b, torch.tensor(t)) for t in factors])
+
+
+def _per_latent(t: torch.Tensor, batch: int, count: int) -> torch.Tensor:
+    """A per-latent tensor (batch entries, or fewer cycled as ComfyUI does) with each latent's
+    entry repeated `count` times in a row."""
+    picked = t[torch.arange(batch) % t.shape[0]] if t.shape[0] != batch else t
+    return picked.repeat_interleave(count, dim=0)
+
+
+def sequence_latents(latent: dict, count: int) -> dict:
+    """A LATENT with every latent of the batch repeated `count` times in a row, each copy keeping
+    its latent's batch_index: ComfyUI's samplers give equal batch indices the same noise
+    (comfy.sample.prepare_noise), so latent b's pictures b*count .. b*count+count-1 differ only by
+    the morph factor, and different latents keep the different noise they would have alone."""
+    samples = latent["samples"]
+    batch = int(samples.shape[0])
+    indices = list(latent.get("batch_index") or range(batch))
+    if len(indices) != batch:
+        raise MoAInputError(f"the latent's batch_index has {len(indices)} entries for {batch} latents; "
+                            f"connect the latent straight from Empty Latent Image or VAE Encode")
+    out = {k: v for k, v in latent.items() if k not in ("samples", "batch_index", "noise_mask")}
+    out["samples"] = samples.repeat_interleave(count, dim=0)
+    out["batch_index"] = [int(i) for i in indices for _ in range(count)]
+    if isinstance(latent.get("noise_mask"), torch.Tensor):
+        mask = latent["noise_mask"]
+        mask = mask.reshape(-1, *mask.shape[-2:]) if mask.ndim < 4 else mask
+        out["noise_mask"] = _per_latent(mask, batch, count)
+    return out
