@@ -188,6 +188,85 @@ def test_morph_ends_reproduce_the_pure_subjects_and_sequence_gives_one_image_per
         node.morph(sub_a, sub_b, empty, "sequence", 0.5, 1)
 
 
+def test_morph_over_a_latent_batch_gives_one_sequence_per_latent_with_that_latents_noise(comfy, pack, loaded,
+                                                                                          photos, caplog):
+    """2 latents x 3 factors = 6 pictures, latent-major; each latent's frames share its noise (a morph of A into A
+    is 3 equal pictures per latent), the two latents keep different noise; 'single' keeps the batch; a sampler
+    given another latent renders no sequence and the console says so once."""
+    from comfyui_moa.nodes.morph import MoASubjectMorph
+    from comfyui_moa.nodes.subject import MoASubject
+    sub_a = MoASubject().build(photos["man"][0], "man", mask=photos["man"][1])[0]
+    sub_b = MoASubject().build(photos["cat"][0], "man", mask=photos["cat"][1])[0]
+    two = {"samples": torch.zeros(2, 4, 8, 8)}
+    node = MoASubjectMorph()
+    subs, latent, _ = node.morph(sub_a, sub_b, two, "sequence", 0.5, 3)
+    assert latent["batch_index"] == [0, 0, 0, 1, 1, 1] and latent["samples"].shape[0] == 6
+    frames = _render(comfy, loaded, subs, latent)
+    same = _render(comfy, loaded, node.morph(sub_a, sub_a, two, "sequence", 0.5, 3)[0], latent)
+    assert frames.shape[0] == 6
+    for lat in (0, 1):
+        assert all(torch.equal(same[3 * lat], same[3 * lat + i]) for i in (1, 2)), "one noise per latent"
+        assert torch.equal(frames[3 * lat], same[3 * lat]), "factor 0 of each latent is the pure subject A"
+    assert (same[0] - same[3]).abs().max() > 1e-3, "the two latents must keep different noise"
+    assert (frames[0] - frames[2]).abs().max() > 1e-3, "the factors must differ"
+
+    single_subs, single, _ = node.morph(sub_a, sub_b, {"samples": torch.zeros(3, 4, 8, 8)}, "single", 0.0, 8)
+    assert single["samples"].shape[0] == 3
+    assert torch.equal(_render(comfy, loaded, single_subs, single), _render(comfy, loaded, sub_a, single))
+
+    caplog.set_level("WARNING", logger="comfyui-moa")
+    _render(comfy, loaded, subs, {"samples": torch.zeros(1, 4, 8, 8)})
+    said = [r.getMessage() for r in caplog.records if "MoA Subject Morph made" in r.getMessage()]
+    assert len(said) == 1 and "renders 1 latent(s), but MoA Subject Morph made 6 for its 3 factors" in said[0], said
+    caplog.clear()
+    _render(comfy, loaded, subs, latent)
+    assert not [r for r in caplog.records if "MoA Subject Morph made" in r.getMessage()]
+
+
+def test_nan_inputs_and_region_batches_are_refused_by_name(comfy, pack, loaded, photos, tiny_model):
+    from comfyui_moa.moa_attention.engine.errors import MoAInputError
+    from comfyui_moa.nodes.evaluate import MoAEvaluate
+    from comfyui_moa.nodes.inversion import MoAInvertPhoto
+    from comfyui_moa.nodes.morph import MoASubjectMorph
+    from comfyui_moa.nodes.subject import MoASubject
+    person, pmask = photos["man"]
+    bad = person.clone()
+    bad[0, 3, 4, 1] = float("nan")
+    with pytest.raises(MoAInputError, match=r"^MoA Subject 'man': image has 1 non-finite value\(s\) \(1 NaN, 0 inf\)"):
+        MoASubject().build(bad, "man", mask=pmask)
+    inf_mask = pmask.clone()
+    inf_mask[..., 0, 0] = float("inf")
+    with pytest.raises(MoAInputError, match=r"^MoA Subject 'man': mask has 1 non-finite value\(s\) \(0 NaN, 1 inf\)"):
+        MoASubject().build(person, "man", mask=inf_mask)
+    left, right = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
+    left[..., :20], right[..., 40:] = 1.0, 1.0
+    with pytest.raises(MoAInputError, match=r"^MoA Subject 'man': region is a batch of 2 different masks"):
+        MoASubject().build(person, "man", mask=pmask, region=torch.cat([left, right]))
+    (sub,) = MoASubject().build(person, "man", mask=pmask, region=torch.cat([left, left]))[0]
+    assert torch.equal(sub.region, left[0]), "a batch of one mask repeated is that mask"
+    nan_latent = {"samples": torch.full((1, 4, 8, 8), float("nan"))}
+    with pytest.raises(MoAInputError, match=r"^MoA Subject Morph: latent\['samples'\] has 256 non-finite"):
+        MoASubjectMorph().morph([sub], [sub], nan_latent, "sequence", 0.5, 3)
+    _, pos, neg = conds()
+    with pytest.raises(MoAInputError, match=r"^MoA Invert Photo: image has 1 non-finite"):
+        MoAInvertPhoto().invert(tiny_model, None, bad[:, :64, :64], pos, neg, 2, "normal", 1.0, 0)
+    with pytest.raises(MoAInputError, match=r"^MoA Evaluate: baseline has 1 non-finite"):
+        MoAEvaluate().evaluate(person, baseline=bad)
+
+
+def test_evaluate_says_why_numbers_are_missing(comfy, pack):
+    from comfyui_moa.nodes.evaluate import MoAEvaluate
+    g = torch.Generator().manual_seed(0)
+    images, baseline = torch.rand(2, 32, 32, 3, generator=g), torch.rand(2, 32, 32, 3, generator=g)
+    mask = torch.zeros(2, 32, 32)
+    mask[1, 8:24, 8:24] = 1.0
+    text = MoAEvaluate().evaluate(images, baseline=baseline, subject_mask=mask,
+                                  samples={"samples": torch.rand(2, 4, 4, 4, generator=g)})["result"][0]
+    assert "latent change (samples is connected but baseline_samples is not" in text, text
+    assert "subject_mask 1 is empty (no pixel above 0.5): the numbers inside the subject are missing" in text, text
+    assert "subject_mask 2" not in text, text
+
+
 # --------------------------------------------------------------------------------------------------
 # DDIM inversion
 
@@ -285,3 +364,19 @@ def test_inversion_sampler_node_plugs_into_sampler_custom(comfy, tiny_model):
     assert torch.equal(out["samples"], ref["samples"])
     with pytest.raises(MoAInputError, match="strictly descending sigmas"):
         SamplerCustom.execute(tiny_model, False, 0, 1.0, pos, neg, sampler, sigmas.flip(0), {"samples": z0})
+    # inversion runs the prior: MoA Apply's model is refused, like MoA Invert Photo refuses it
+    from comfyui_moa.moa_attention.comfyui.patch import apply_moa
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    plain = pos[0][0][0]
+    moa = apply_moa(tiny_model, init_adapter_from_unet(tiny_model.get_model_object("diffusion_model"), rank=2),
+                    [engine_binding(plain)])
+    with pytest.raises(MoAInputError, match=r"^MoA DDIM Inversion Sampler: model carries a MoA patch; invert with"):
+        SamplerCustom.execute(moa, False, 0, 1.0, pos, neg, sampler, sigmas, {"samples": z0})
+    with pytest.raises(MoAInputError, match=r"^MoA DDIM Inversion Sampler: the latent to invert has 1 non-finite"):
+        SamplerCustom.execute(tiny_model, False, 0, 1.0, pos, neg, sampler, sigmas,
+                              {"samples": z0.index_put((torch.tensor([0]),) * 4, torch.tensor(float("inf")))})
+
+
+def engine_binding(plain):
+    from comfyui_moa.moa_attention.comfyui.batch import SubjectBinding
+    return SubjectBinding(plain=plain, fused=plain.clone())

@@ -60,3 +60,36 @@ def test_adapter_follows_the_unet_through_unloads_and_other_models(comfy, pack, 
     assert torch.equal(sample(comfy, fresh, positive, negative), first)
     assert torch.equal(sample(comfy, tiny_model, positive, negative), base), "the original model was changed"
     assert all(t.device == torch.device(moa.load_device) for t in adapter.parameters())
+
+
+def test_repeated_apply_moa_with_one_bare_adapter_reuses_one_patcher_and_never_leaks(comfy, pack, tiny_model,
+                                                                                     caplog):
+    """The Python API with a bare MoAAdapter: 20 apply_moa + sample calls share one adapter ModelPatcher, so
+    ComfyUI never sees a patcher die while its model lives (its 'memory leak' message and full garbage
+    collection); and the adapter is freed with its last user."""
+    import gc
+    import weakref
+
+    from comfyui_moa.moa_attention.comfyui.batch import SubjectBinding
+    from comfyui_moa.moa_attention.comfyui.patch import apply_moa
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+
+    plain, neg = torch.randn(77, 768, generator=torch.Generator().manual_seed(1)), torch.zeros(77, 768)
+    positive, negative = [[plain[None].clone(), {}]], [[neg[None], {}]]
+    adapter = init_adapter_from_unet(tiny_model.get_model_object("diffusion_model"), rank=2, seed=0)
+    caplog.set_level("INFO")
+    patchers = set()
+    for i in range(20):
+        moa = apply_moa(tiny_model, adapter, [SubjectBinding(plain=plain, fused=plain + 0.1)], strength=0.5 + i / 40)
+        patchers.update(id(p) for p in moa.get_additional_models_with_key("moa"))
+        sample(comfy, moa, positive, negative, seed=i)
+        del moa
+    adapter_patchers = [p for p in loaded_patchers() if p.model is adapter]
+    assert len(patchers) == 1 and len(adapter_patchers) == 1, (len(patchers), len(adapter_patchers))
+    leaks = [r.getMessage() for r in caplog.records if "memory leak" in r.getMessage()]
+    assert not leaks, leaks[:2]
+
+    gone = weakref.ref(adapter)
+    del adapter, adapter_patchers
+    gc.collect()
+    assert gone() is None, "the adapter outlived its last user"
