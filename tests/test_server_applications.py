@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, execution_error
 from support import app_graphs as ag
-from test_server import assert_success, images_of
+from test_server import assert_success, forget_non_json_prompt, images_of
 
 
 NEW_NODES = {"MoASubjectMorph": "MoA Subject Morph", "MoAInvertPhoto": "MoA Invert Photo",
@@ -160,12 +160,40 @@ def _bad(case):
         g = ag.swap_graph(steps=2)
         g["invert"]["inputs"]["model"] = ["apply", 0]
         return g, r"MoA Invert Photo: model carries a MoA patch; invert with the prior"
+    if case == "MoA model in the inversion sampler":
+        return (ag.inversion_sampler_graph(["apply", 0]),
+                r"^MoA DDIM Inversion Sampler: model carries a MoA patch; invert with the prior")
+    if case == "region batch of 2":
+        g = ag.regions_graph()
+        g["subject0"]["inputs"]["region"] = ag.mask_batch(g, "two_regions", ("region_a.png", "region_b.png"))
+        return g, r"^MoA Subject 'man': region is a batch of 2 different masks, but one subject has one region"
+    if case == "NaN photo inverted":
+        g = ag.swap_graph(steps=2)
+        g["invert"]["inputs"]["image"] = ag.nan_image(g, "nan_photo")
+        return g, r"^MoA Invert Photo: image has 12288 non-finite value\(s\) \(12288 NaN, 0 inf\) of 12288\. The node"
+    if case == "NaN pictures evaluated":
+        g = ag.evaluate_graph()
+        g["evaluate"]["inputs"]["images"] = ag.nan_image(g, "nan_pictures")
+        return g, r"^MoA Evaluate: images has 12288 non-finite value\(s\)"
+    if case == "NaN latent morphed":
+        g = ag.morph_graph()
+        g["nan_latent"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["latent", 0],
+                                                                      "multiplier": float("nan")}}
+        g["morph"]["inputs"]["latent"] = ["nan_latent", 0]
+        return g, r"^MoA Subject Morph: latent\['samples'\] has 256 non-finite value\(s\) \(256 NaN"
+    if case == "NaN subject photo":
+        g = ag.morph_graph()
+        g["subject0"]["inputs"]["image"] = ag.nan_image(g, "nan_subject")
+        g["subject0"]["inputs"].pop("mask")
+        return g, r"^MoA Subject 'man': image has 12288 non-finite value\(s\)"
     raise KeyError(case)
 
 
 @pytest.mark.parametrize("case", ["photo size not a multiple of 8", "invert steps < 1", "factor out of range",
                                   "mismatched subjects", "overlapping regions", "empty region",
-                                  "model with MoA inverted"])
+                                  "model with MoA inverted", "MoA model in the inversion sampler",
+                                  "region batch of 2", "NaN photo inverted", "NaN pictures evaluated",
+                                  "NaN latent morphed", "NaN subject photo"])
 def test_bad_application_inputs_give_clear_errors_and_the_server_keeps_serving(server, app_inputs, case):
     g, pattern = _bad(case)
     if pattern is None:                     # ComfyUI's own range check on the widget
@@ -176,4 +204,59 @@ def test_bad_application_inputs_give_clear_errors_and_the_server_keeps_serving(s
         err = execution_error(entry)
         assert entry["status"]["status_str"] == "error" and err is not None
         assert re.search(pattern, err["exception_message"]), err["exception_message"]
+        if case.startswith("NaN"):
+            forget_non_json_prompt(server, entry)
     run_ok(server, ag.morph_graph(mode="single", factor=0.25, seed=hash(case) % 1000))
+
+
+def test_inversion_sampler_runs_with_the_prior_in_sampler_custom(server, app_inputs):
+    entry = run_ok(server, ag.inversion_sampler_graph(["ckpt", 0]))
+    noise = latent_of(server, entry, "save_noise")
+    assert noise.shape == (1, 4, ag.SIZE // 8, ag.SIZE // 8) and torch.isfinite(noise).all()
+
+
+def _batched(graph: dict, batch: int) -> dict:
+    graph["latent"]["inputs"]["batch_size"] = batch
+    return graph
+
+
+def test_morph_sequence_over_a_latent_batch_gives_latents_x_factors_pictures_with_one_noise_per_latent(
+        server, app_inputs):
+    """Pictures in latent-major order: latent 1 at every factor, then latent 2. A morph of the man into himself
+    shows the noise: equal pictures within a latent, different ones between latents."""
+    frames = images_of(server, run_ok(server, _batched(ag.morph_graph(frames=3), 2)), "save")
+    assert len(frames) == 6 and all(f.shape == (ag.SIZE, ag.SIZE, 3) for f in frames)
+    same = images_of(server, run_ok(server, _batched(ag.morph_graph(frames=3, b_subject=ag.MAN), 2)), "save")
+    assert len(same) == 6
+
+    def close(a, b):
+        return np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert all(close(same[3 * lat], same[3 * lat + i]) for lat in (0, 1) for i in (1, 2)), "one noise per latent"
+    assert not close(same[0], same[3]), "the two latents keep different noise"
+    assert close(frames[0], same[0]) and close(frames[3], same[3]), "factor 0 of each latent is the man"
+    assert not close(frames[0], frames[2])
+
+
+def test_morph_single_on_a_batch_and_a_sampler_given_another_latent(server, app_inputs):
+    """'single' renders every latent of the batch at the factor; a sequence whose LATENT output the sampler does
+    not get renders what the sampler got, and the console says so once."""
+    assert len(images_of(server, run_ok(server, _batched(ag.morph_graph(mode="single"), 3)), "save")) == 3
+    message = "but MoA Subject Morph made 3 for its 3 factors, so the pictures are not the morph sequence"
+    before = server.log_path.read_text(errors="replace").count(message)
+    g = ag.morph_graph(frames=3, seed=11)
+    g["sampler"]["inputs"]["latent_image"] = ["latent", 0]
+    assert len(images_of(server, run_ok(server, g), "save")) == 1
+    log = server.log_tail(200000)
+    assert server.log_path.read_text(errors="replace").count(message) == before + 1, log[-3000:]
+    assert "the sampler renders 1 latent(s), " + message in log
+
+
+def test_evaluate_report_says_why_numbers_are_missing(server, app_inputs):
+    entry = run_ok(server, ag.evaluate_graph(subject_mask_value=0.0))
+    (text,) = entry["outputs"]["evaluate"]["text"]
+    assert "latent change (samples is connected but baseline_samples is not" in text, text
+    assert "subject_mask 1 is empty (no pixel above 0.5): the numbers inside the subject are missing" in text, text
+    full = run_ok(server, ag.evaluate_graph(subject_mask_value=1.0, with_baseline_samples=True))
+    (text,) = full["outputs"]["evaluate"]["text"]
+    assert "subject_mask 1 covers the whole picture: the numbers outside the subject are missing" in text, text
+    assert "latent change" not in text.split("\n")[1], text

@@ -197,3 +197,55 @@ def controlnet_graph(*, moa: bool, strength: float = 0.0, seed: int = 6) -> dict
         "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
     g["sampler"]["inputs"].update(positive=["cn_apply", 0], negative=["cn_apply", 1])
     return g
+
+
+def nan_image(g: dict, name: str, size: int = SIZE) -> list:
+    """An IMAGE of NaN pixels (SolidMask's value comes through JSON as NaN; ComfyUI's range check lets it
+    through), as a user's broken upstream node would give."""
+    g[f"{name}_mask"] = {"class_type": "SolidMask", "inputs": {"value": float("nan"), "width": size, "height": size}}
+    g[name] = {"class_type": "MaskToImage", "inputs": {"mask": [f"{name}_mask", 0]}}
+    return [name, 0]
+
+
+def mask_batch(g: dict, name: str, files: tuple[str, str]) -> list:
+    """A MASK batch of two mask files (through images: ComfyUI has no mask batch node)."""
+    for i, f in enumerate(files):
+        g[f"{name}_load{i}"] = {"class_type": "LoadImageMask", "inputs": {"image": f, "channel": "red"}}
+        g[f"{name}_img{i}"] = {"class_type": "MaskToImage", "inputs": {"mask": [f"{name}_load{i}", 0]}}
+    g[f"{name}_batch"] = {"class_type": "ImageBatch", "inputs": {"image1": [f"{name}_img0", 0],
+                                                                "image2": [f"{name}_img1", 0]}}
+    g[name] = {"class_type": "ImageToMask", "inputs": {"image": [f"{name}_batch", 0], "channel": "red"}}
+    return [name, 0]
+
+
+def inversion_sampler_graph(model_from: list) -> dict:
+    """SamplerCustom (add_noise off, cfg 1) + MoA DDIM Inversion Sampler on the photo's latent, with MoA Apply's
+    model and prompt available (model_from picks the model the sampler gets)."""
+    g = plain_nodes()
+    for k in ("latent", "sampler", "decode", "save"):
+        g.pop(k)
+    g.update(moa_nodes([MAN], PHOTO_PROMPT))
+    g["photo"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    g["encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["photo", 0], "vae": ["ckpt", 2]}}
+    g["sigmas"] = {"class_type": "BasicScheduler", "inputs": {"model": model_from, "scheduler": "normal", "steps": 2,
+                                                              "denoise": 1.0}}
+    g["inverter"] = {"class_type": "MoADDIMInversionSampler", "inputs": {"refine": 0}}
+    g["invert"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": model_from, "add_noise": False, "noise_seed": 0, "cfg": 1.0, "positive": ["pos", 0],
+        "negative": ["neg", 0], "sampler": ["inverter", 0], "sigmas": ["sigmas", 0], "latent_image": ["encode", 0]}}
+    g["save_noise"] = {"class_type": "SaveLatent", "inputs": {"samples": ["invert", 0],
+                                                             "filename_prefix": "latents/inverted"}}
+    return g
+
+
+def evaluate_graph(*, subject_mask_value: float = 0.0, with_baseline_samples: bool = False) -> dict:
+    """The plain picture scored against itself as baseline, with a solid subject mask and the sampler's latent."""
+    g = plain_nodes()
+    g["solid"] = {"class_type": "SolidMask", "inputs": {"value": subject_mask_value, "width": SIZE, "height": SIZE}}
+    g["evaluate"] = {"class_type": "MoAEvaluate", "inputs": {
+        "images": ["decode", 0], "baseline": ["decode", 0], "subject_mask": ["solid", 0],
+        "samples": ["sampler", 0], "prompt": "", "text_encoder": "none", "face_model": "none", "provider": "CPU",
+        "tile": 64}}
+    if with_baseline_samples:
+        g["evaluate"]["inputs"]["baseline_samples"] = ["sampler", 0]
+    return g
