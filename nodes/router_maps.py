@@ -45,7 +45,8 @@ class MoARouterMaps:
                                               "sampling, and sets the map size."}),
             "layers": (list(LAYER_SETS), {"default": "all layers", "tooltip": "Which attention layers to average."}),
         }, "optional": {
-            "image": ("IMAGE", {"tooltip": "The decoded picture, to draw the map over."}),
+            "image": ("IMAGE", {"tooltip": "The decoded picture(s), to draw the map over: one per latent of samples, "
+                                             "or one for all."}),
             "opacity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                   "tooltip": "Opacity of the colours over 'image'."}),
             "subject": ("INT", {"default": 0, "min": 0, "max": 16,
@@ -80,6 +81,10 @@ class MoARouterMaps:
         colors = heat_colors(mask)
         if image is not None:
             base = image[:, :, :, :3].cpu().float()
+            if base.shape[0] not in (1, b):
+                raise refuse(NODE, f"image has {base.shape[0]} pictures for {b} latents in samples: connect the VAE "
+                                   f"Decode of the same sampler output (one picture per latent), or one picture "
+                                   f"for all")
             if base.shape[0] != b:
                 base = base[:1].expand(b, *base.shape[1:])
             colors = (1 - opacity) * base + opacity * colors

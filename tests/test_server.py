@@ -130,6 +130,11 @@ def _bad(name):
         g["maps"]["inputs"]["layers"] = "middle block"
         return g, (r"^MoA Router Maps: layers 'middle block' has no attention layers in this model \(it has \d+: "
                    r".*\)\. Choose 'all layers' or another set")
+    if name == "router map pictures differ from latents":
+        g = moa_graph(ADAPTER, ONE, PROMPT)
+        g["two_pictures"] = {"class_type": "ImageBatch", "inputs": {"image1": ["decode", 0], "image2": ["decode", 0]}}
+        g["maps"]["inputs"]["image"] = ["two_pictures", 0]
+        return g, r"^MoA Router Maps: image has 2 pictures for 1 latents in samples: connect the VAE Decode"
     if name == "missing adapter file":
         g["adapter"]["inputs"]["adapter_name"] = "nope.safetensors"
         return g, None          # rejected at validation (HTTP 400)
@@ -139,7 +144,7 @@ def _bad(name):
 @pytest.mark.parametrize("case", ["word not in prompt", "more subjects than words", "mask size differs",
                                   "empty mask", "batch lengths differ", "image encoder differs",
                                   "not an SD1.5 model", "missing adapter file", "NaN strength", "NaN end_percent",
-                                  "layer set without layers"])
+                                  "layer set without layers", "router map pictures differ from latents"])
 def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, server_inputs, case):
     g, pattern = _bad(case)
     if pattern is None:
