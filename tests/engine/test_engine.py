@@ -281,3 +281,32 @@ def test_metrics_auroc_and_change_inside_outside():
     assert (inside, outside) == (2.0, 0.5)
     assert psnr(a, a) == float("inf") and psnr(a, b, 1 - mask, peak=1.0) == pytest.approx(10 * math.log10(1 / 0.25))
     assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0])) == pytest.approx(1.0)
+
+
+def test_sequence_latents_repeat_each_latent_in_a_row_with_its_batch_index_and_noise_mask():
+    from comfyui_moa.moa_attention.engine.errors import MoAInputError
+    from comfyui_moa.moa_attention.engine.morph import sequence_latents
+    samples = torch.arange(2.0)[:, None, None, None].expand(2, 4, 3, 3).clone()
+    mask = torch.stack([torch.zeros(1, 3, 3), torch.ones(1, 3, 3)])
+    out = sequence_latents({"samples": samples, "batch_index": [5, 7], "noise_mask": mask, "extra": 1}, 3)
+    assert out["batch_index"] == [5, 5, 5, 7, 7, 7] and out["extra"] == 1
+    assert out["samples"][:, 0, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]
+    assert out["noise_mask"][:, 0, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]
+    one_mask = sequence_latents({"samples": samples, "noise_mask": mask[1:]}, 2)     # one mask for all latents
+    assert one_mask["batch_index"] == [0, 0, 1, 1] and one_mask["noise_mask"].shape[0] == 4
+    with pytest.raises(MoAInputError, match=r"batch_index has 1 entries for 2 latents"):
+        sequence_latents({"samples": samples, "batch_index": [0]}, 2)
+
+
+def test_require_finite_names_the_input_and_counts_nan_and_inf():
+    from comfyui_moa.moa_attention.engine.errors import MoAInputError
+    from comfyui_moa.moa_attention.engine.finite import require_finite
+    require_finite("image", torch.zeros(2, 2))
+    require_finite("latent", {"samples": torch.zeros(1, 4, 2, 2), "batch_index": [0]})
+    require_finite("indices", torch.tensor([1, 2]))
+    t = torch.zeros(3)
+    t[0], t[2] = float("nan"), float("-inf")
+    with pytest.raises(MoAInputError, match=r"^mask has 2 non-finite value\(s\) \(1 NaN, 1 inf\) of 3\. The node"):
+        require_finite("mask", t)
+    with pytest.raises(MoAInputError, match=r"^latent\['noise_mask'\] has 1 non-finite"):
+        require_finite("latent", {"samples": torch.zeros(1), "noise_mask": t[:1]})
