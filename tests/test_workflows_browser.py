@@ -214,9 +214,8 @@ def _expected_size(prompt: dict, node_id: str) -> tuple[int, int]:
     return SIZE, SIZE
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
-def test_workflow_loads_in_the_editor_and_runs(path: Path, editor, server):
+def _load(editor, path: Path) -> dict:
+    """Open the workflow in the editor; checks it loaded whole, without dialogs or console errors."""
     wf_text = path.read_text()
     wf = json.loads(wf_text)
     loaded = json.loads(editor.execute_async_script(LOAD_JS, wf_text, path.name))
@@ -225,9 +224,11 @@ def test_workflow_loads_in_the_editor_and_runs(path: Path, editor, server):
     assert loaded["dialogs"] == [], f"the editor opened a dialog on load: {loaded['dialogs']}"
     assert (loaded["nodes"], loaded["links"]) == (len(wf["nodes"]), len(wf["links"])), loaded
     assert console_errors(editor) == []
-    if os.environ.get("MOA_SCREENSHOTS"):
-        _save_screenshot(editor, path.stem)
+    return wf
 
+
+def _prepare_and_run(editor, server) -> None:
+    """Swap in the tiny models and images, queue the editor's own prompt, check every output's pictures."""
     prepared = json.loads(editor.execute_async_script(PREPARE_JS, MODEL_NAMES, IMAGE_NAMES, SIZE, STEPS))
     assert "exception" not in prepared, prepared.get("exception")
     assert prepared["unknown"] == [], f"add these test images to IMAGE_NAMES: {prepared['unknown']}"
@@ -252,3 +253,108 @@ def test_workflow_loads_in_the_editor_and_runs(path: Path, editor, server):
             left, right = pic[:, :SIZE], pic[:, -SIZE:]
             assert not np.array_equal(left, right), "with and without MoA gave the same picture"
     assert console_errors(editor) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_workflow_loads_in_the_editor_and_runs(path: Path, editor, server):
+    _load(editor, path)
+    if os.environ.get("MOA_SCREENSHOTS"):
+        _save_screenshot(editor, path.stem)
+    _prepare_and_run(editor, server)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# with the editor's new node renderer ("Nodes 2.0": DOM nodes instead of canvas drawing)
+
+VUE_NODES_SETTING = "Comfy.VueNodes.Enabled"       # the pinned frontend's "Modern Node Design (Nodes 2.0)"
+#: the workflow whose Nodes 2.0 look is kept in docs/workflows/ (MOA_SCREENSHOTS=1)
+VUE_SCREENSHOT = "moa_single_subject"
+
+SETTING_JS = r"""
+const [id, value, done] = arguments;
+app.extensionManager.setting.set(id, value).then(() => done(app.extensionManager.setting.get(id)),
+                                                 e => done(`failed: ${e}`));
+"""
+
+VUE_DOM_JS = r"""
+const [done] = arguments;
+(async () => {
+  for (let i = 0; i < 100 && !document.querySelector('.lg-node[data-node-id]'); i++)
+    await new Promise(r => setTimeout(r, 100));
+  const shown = {};
+  for (const el of document.querySelectorAll('.lg-node[data-node-id]'))
+    shown[el.dataset.nodeId] = {widgets: el.querySelectorAll('.lg-node-widget').length, text: el.innerText};
+  done(JSON.stringify({
+    shown,
+    nodes: app.graph.nodes.filter(n => n.type.startsWith('MoA')).map(n => ({
+      id: String(n.id), type: n.type, widgets: (n.widgets || []).map(w => w.name)})),
+  }));
+})().catch(e => done(JSON.stringify({exception: String(e && e.stack || e)})));
+"""
+
+
+@pytest.fixture(scope="module")
+def vue_editor(server, server_inputs, app_inputs):
+    """A headless Chromium on the graph editor with Nodes 2.0 switched on (and off again afterwards: the
+    setting is stored on the server, for every later page load)."""
+    missing = browser_missing()
+    if missing:
+        if _ci():
+            pytest.fail(f"CI is set but the browser test cannot run: {missing}")
+        pytest.skip(missing)
+    driver = start_chromium()
+    try:
+        open_editor(driver, server.url)
+        assert driver.execute_async_script(SETTING_JS, VUE_NODES_SETTING, True) is True
+        console_errors(driver)
+        yield driver
+    finally:
+        try:
+            driver.execute_async_script(SETTING_JS, VUE_NODES_SETTING, False)
+        finally:
+            driver.quit()
+
+
+def _widget_tooltip_shown(editor, node_id: str, object_info: dict, node_type: str) -> None:
+    """Hovering a MoA node's first widget shows its input's tooltip from /object_info."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from support.waits import wait_for
+    editor.execute_script("app.canvas.centerOnNode(app.graph.getNodeById(Number(arguments[0]))); "
+                          "app.canvas.setDirty(true, true)", node_id)
+    selector = f'.lg-node[data-node-id="{node_id}"] .lg-node-widget'
+    wait_for(lambda: editor.execute_script(
+        "const r = document.querySelector(arguments[0]).getBoundingClientRect();"
+        "return r.width > 0 && r.left >= 0 && r.top >= 0 && r.right <= innerWidth && r.bottom <= innerHeight",
+        selector), f"{node_type} #{node_id} centred in the window", 1)
+    widget = editor.find_element(By.CSS_SELECTOR, selector)
+    name, spec = _widget_inputs(object_info[node_type])[0]
+    ActionChains(editor).move_to_element(widget).perform()
+    shown = wait_for(lambda: editor.execute_script(
+        "return [...document.querySelectorAll('.p-tooltip')].map(t => t.innerText).join('\\n')"),
+        f"the tooltip of {node_type}.{name}", 1)
+    assert spec[1]["tooltip"].split(".")[0][:40] in shown, (name, shown)
+    ActionChains(editor).move_to_element_with_offset(editor.find_element(By.TAG_NAME, "body"), 0, 0).perform()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_workflow_loads_and_runs_with_nodes_2_0(path: Path, vue_editor, server):
+    """Every MoA node is drawn as a Nodes 2.0 DOM node showing its widgets (a hovered one shows its tooltip),
+    and the workflow runs from there as from the classic canvas."""
+    _load(vue_editor, path)
+    dom = json.loads(vue_editor.execute_async_script(VUE_DOM_JS))
+    assert "exception" not in dom, dom.get("exception")
+    object_info = server.request("/object_info")
+    for node in dom["nodes"]:
+        el = dom["shown"].get(node["id"])
+        assert el is not None, f"{node['type']} #{node['id']} is not drawn as a Nodes 2.0 node"
+        assert el["widgets"] >= len([w for w in node["widgets"] if w != "upload"]) > 0 or not node["widgets"], \
+            (node, el["widgets"])
+    if os.environ.get("MOA_SCREENSHOTS") and path.stem == VUE_SCREENSHOT:
+        _save_screenshot(vue_editor, f"{path.stem}_nodes_2_0")
+    first = next(n for n in dom["nodes"] if n["widgets"])
+    _widget_tooltip_shown(vue_editor, first["id"], object_info, first["type"])
+    _prepare_and_run(vue_editor, server)
