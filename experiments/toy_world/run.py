@@ -7,41 +7,39 @@
 2. a MoA adapter trained with the trainer's own loop (training.loop.train_adapter: the same
    modules, losses, checkpoints and log as `python -m moa_attention.train`) on many identities;
 3. evaluation on identities the adapter never saw (and on seen ones): router share AUROC against
-   the subject mask by timestep range, the change against the base model inside vs outside the
-   subject (one UNet step and full 20-step DDIM sampling with the same seed), identity similarity
-   of generated subjects to their reference, soft vs hard routing;
-4. a table (stdout, results.json, table.md) and an image grid (grid.png): reference, base, MoA,
-   router map, MoA with hard routing -- same seeds.
+   the subject mask by timestep range and the one-step change inside vs outside the subject;
+   then, through the pack's ComfyUI path (comfy_eval.py: apply_moa, comfy.sample, the pack's
+   DDIM inversion for the swap), identity retrieval among the class's references, the context
+   change inside vs outside the subject, soft vs hard routing;
+4. a table (stdout, results.json, table.md) and image grids (grid.png, grid_swap.png): reference,
+   [photo,] base, MoA, router map, MoA with hard routing -- same seeds;
+5. with several adapter seeds (one cached base), each seed in its own folder and a summary of the
+   headline numbers with their spread (summary.md, summary.json).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from comfyui_moa.moa_attention.comfyui.adapters import LoadedAdapter
 from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
 from comfyui_moa.moa_attention.engine.adapter_file import load_adapter
-from comfyui_moa.moa_attention.engine.call_state import STATE_KEY, CallState, MoASettings
 from comfyui_moa.moa_attention.engine.layer import install_layers
-from comfyui_moa.moa_attention.scoring.metrics import auroc, change_inside_outside, cosine
-from comfyui_moa.moa_attention.training.capture import LossCapture, share_map
+from comfyui_moa.moa_attention.scoring.metrics import auroc, change_inside_outside
+from comfyui_moa.moa_attention.training.capture import share_map
 from comfyui_moa.moa_attention.training.config import TrainConfig
 from comfyui_moa.moa_attention.training.loop import train_adapter
 from comfyui_moa.moa_attention.training.step import MoATrainStep
 
 from . import base as base_mod
-from . import data, encoder, world
+from . import comfy_eval, data, encoder, world
 
 T_RANGES = ((100, 300), (300, 500), (500, 700), (700, 900))
-#: DDIM clips its x0 estimate to the toy latents' range (|values| < 4; "clip denoised", as DDPM
-#: samplers do for pixels): near t = 999 the x0 estimate multiplies a small base model's eps
-#: error by 1/sqrt(a_t), and unclipped first steps can leave the whole sample noise
-X0_CLAMP = 4.0
-MAX_OBJECT_PIXELS = 80
 
 
 @dataclass
@@ -55,9 +53,12 @@ class ToyConfig:
     lr: float = 2e-3
     expert: str = "lowrank"
     rank: int = 16
-    sample_steps: int = 20
+    sample_steps: int = 20               # txt2img: KSampler's steps, cfg, sampler and scheduler
     cfg_scale: float = 3.0
-    swap_t: int = 600                    # subject swap: regenerate a noised picture from this timestep
+    sampler: str = "ddim"
+    scheduler: str = "ddim_uniform"
+    swap_steps: int = 20                 # swap: MoA Invert Photo's steps and refine, regenerated at cfg 1
+    swap_refine: int = 3
     loss: dict = field(default_factory=dict)     # TrainConfig loss options (CLI overrides)
     base: base_mod.BaseConfig = field(default_factory=base_mod.BaseConfig)
 
@@ -74,40 +75,6 @@ def get_base(cfg: ToyConfig, path: Path):
     else:
         print(f"reusing the base model {path}", flush=True)
     return base_mod.load_base(path, "cpu")
-
-
-# ----------------------------------------------------------------------------- sampling
-
-@torch.no_grad()
-def ddim(unet, ac: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
-         scale: float, fused: torch.Tensor | None = None, settings: MoASettings | None = None,
-         start: torch.Tensor | None = None, start_t: int = 999):
-    """Deterministic DDIM with classifier-free guidance; MoA (when `fused` is given) on the
-    conditional rows only, as ComfyUI runs it. txt2img from pure noise, or (start, start_t) a
-    picture noised to start_t and regenerated from there (SDEdit; MoA's subject swap).
-    Returns (x0, router map averaged over steps or None)."""
-    b = noise.shape[0]
-    ts = torch.linspace(start_t, 0, steps).round().long()
-    x = noise.clone() if start is None else ac[start_t].sqrt() * start + (1 - ac[start_t]).sqrt() * noise
-    maps = []
-    for i, t in enumerate(ts):
-        a_t = ac[t]
-        a_prev = ac[ts[i + 1]] if i + 1 < steps else torch.tensor(1.0)
-        opts = {}
-        if fused is not None:
-            capture = LossCapture([])
-            opts = {STATE_KEY: CallState.whole_batch(fused, tuple(x.shape[-2:]), settings, observers=(capture,),
-                                                     first_row=b)}
-        eps = unet(torch.cat([x, x]), t.float().expand(2 * b), context=torch.cat([uncond, cond]),
-                   transformer_options=opts).float()
-        if fused is not None:
-            maps.append(share_map(capture.layers, tuple(x.shape[-2:])))
-        eu, ec = eps.chunk(2)
-        e = eu + scale * (ec - eu)
-        x0 = ((x - (1 - a_t).sqrt() * e) / a_t.sqrt()).clamp(-X0_CLAMP, X0_CLAMP)
-        e = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
-    return x, (torch.stack(maps).mean(0) if maps else None)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -162,62 +129,46 @@ def one_step_numbers(step: MoATrainStep, es: EvalSet, seed: int) -> dict:
     return out
 
 
-def _dilate(mask: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.max_pool2d(mask.float()[:, None], 3, 1, 1)[:, 0]
-
-
-def _similarity(latents: torch.Tensor, refs: torch.Tensor, bgs: list, centre: torch.Tensor) -> tuple[list, int]:
-    sims, found = [], 0
-    for lat, ref, bg in zip(latents, refs, bgs):
-        mask = world.object_mask_from_latent(lat, bg)
-        # an object covers 4..80 pixels (radius 2.5..4); more means the background itself is off
-        d = encoder.descriptor(lat, mask.float()) if int(mask.sum()) <= MAX_OBJECT_PIXELS else None
-        if d is None:
-            sims.append(0.0)          # no object drawn: no similarity
-            continue
-        found += 1
-        sims.append(cosine(d - centre, ref - centre))
-    return sims, found
+#: one-step identity: the noise levels where a picture's colours are decided (t >= 600)
+IDENTITY_TS = (600, 800, 950)
 
 
 @torch.no_grad()
-def sampling_numbers(unet, ac, es: EvalSet, cfg: ToyConfig, fusion, centre: torch.Tensor, seed: int,
-                     start_t: int = 999) -> tuple[dict, dict]:
-    """Full sampling with the same seed: base, MoA soft, MoA hard; change inside/outside the
-    subject (the union of the objects drawn by base and MoA, dilated 1 px), identity similarity.
-    start_t 999: txt2img; below: each scene's picture with *another* identity of the class in it
-    (the subject of example i+3) is noised to start_t and regenerated (subject swap)."""
-    from comfyui_moa.moa_attention.comfyui.subjects import fused_context
+def one_step_identity(step: MoATrainStep, es: EvalSet, centre: torch.Tensor, seed: int,
+                      ts: tuple[int, ...] = IDENTITY_TS) -> dict:
+    """Each scene noised to t, one UNet step with and without MoA: is the subject's identity in
+    the x0 estimate inside the scene's own mask? Top-1 retrieval among the class's references, for
+    MoA and the base (which only has what the noisy picture still shows)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.stack([e.masks[0] for e in es.examples])
+    classes = [i.cls for i in es.identities]
+    own = list(range(len(es.examples)))
+    out = {}
+    for t in ts:
+        noise = torch.randn((len(es.examples), *es.examples[0].latent.shape), generator=g)
+        f = step.run(es.examples, noise, torch.full((len(es.examples),), t), with_base=True)
+        a = step.alphas_cumprod[t]
+        x0 = torch.stack([e.latent for e in es.examples])
+        for name, eps in (("moa", f.pred), ("base", f.base)):
+            est = x0 + ((1 - a) / a).sqrt() * (noise - eps)
+            top1 = [comfy_eval.rank_in_class(encoder.descriptor(x, m), es.refs, classes, i, centre) == 1
+                    for i, (x, m) in zip(own, zip(est, masks))]
+            out[f"x0_top1_{name}_t{t}"] = sum(top1) / len(top1)
+    return out
+
+
+def judged(es: EvalSet) -> comfy_eval.Judged:
+    return comfy_eval.Judged(es.examples, list(es.features), es.refs, [i.cls for i in es.identities], es.backgrounds)
+
+
+def swap_photos(es: EvalSet, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Photo i: another identity of picture i's class (the one three places on; classes cycle by
+    three) on picture i's background. (latents, masks, the old identity of each photo)"""
     g = torch.Generator().manual_seed(seed)
     n = len(es.examples)
-    noise = torch.randn((n, world.CHANNELS, world.SIZE, world.SIZE), generator=g)
-    cond = torch.stack([e.text for e in es.examples])
-    uncond = world.embed(world.caption_tokens(None, None))[None].expand(n, -1, -1)
-    fused = torch.stack([fused_context(fusion, e.text, e.positions, e.features) for e in es.examples])
-    start = None
-    if start_t < 999:
-        other = [world.render(es.identities[(i + 3) % n], es.backgrounds[i], g) for i in range(n)]
-        start = torch.stack([o.latent for o in other])
-    kw = dict(start=start, start_t=start_t)
-    base, _ = ddim(unet, ac, noise, cond, uncond, cfg.sample_steps, cfg.cfg_scale, **kw)
-    soft, router = ddim(unet, ac, noise, cond, uncond, cfg.sample_steps, cfg.cfg_scale, fused, **kw)
-    hard, _ = ddim(unet, ac, noise, cond, uncond, cfg.sample_steps, cfg.cfg_scale, fused, MoASettings(hard=True), **kw)
-    obj = torch.stack([world.object_mask_from_latent(x, bg) | world.object_mask_from_latent(y, bg)
-                       for x, y, bg in zip(base, soft, es.backgrounds)])
-    subject = _dilate(obj)
-    out = {}
-    out["sample_change_in"], out["sample_change_out"] = change_inside_outside(soft, base, subject)
-    out["hard_change_in"], out["hard_change_out"] = change_inside_outside(hard, base, subject)
-    out["soft_vs_hard"] = float((soft - hard).abs().mean())
-    out["soft_vs_hard_in"], out["soft_vs_hard_out"] = change_inside_outside(soft, hard, subject)
-    s_moa, found_moa = _similarity(soft, es.refs, es.backgrounds, centre)
-    s_hard, _ = _similarity(hard, es.refs, es.backgrounds, centre)
-    s_base, found_base = _similarity(base, es.refs, es.backgrounds, centre)
-    # mismatched: the same MoA outputs against another identity of the same class (classes cycle by 3)
-    s_mis, _ = _similarity(soft, es.refs.roll(3, dims=0), es.backgrounds, centre)
-    out.update(id_moa=sum(s_moa) / n, id_hard=sum(s_hard) / n, id_base=sum(s_base) / n, id_mismatched=sum(s_mis) / n,
-               objects_found_moa=found_moa / n, objects_found_base=found_base / n)
-    return out, {"base": base, "soft": soft, "hard": hard, "router": router, "start": start}
+    old = [(i + 3) % n for i in range(n)]
+    scenes = [world.render(es.identities[o], es.backgrounds[i], g) for i, o in enumerate(old)]
+    return torch.stack([s.latent for s in scenes]), torch.stack([s.mask for s in scenes]), old
 
 
 # ----------------------------------------------------------------------------- picture
@@ -257,6 +208,10 @@ def write_grid(path: Path, es: EvalSet, samples: dict, rows: int = 6, scale: int
 
 # ----------------------------------------------------------------------------- the run
 
+def _ratio(r: dict, prefix: str = "") -> str:
+    return f"{r[prefix + 'change_in']:.3f} / {r[prefix + 'change_out']:.3f} ({r[prefix + 'context_ratio']:.2f})"
+
+
 def table(results: dict) -> str:
     one = ["| identities | " + " | ".join(f"share AUROC t {lo}-{hi}" for lo, hi in T_RANGES)
            + " | share in / out (t 300-500) | 1-step change in / out |", "|---" * 7 + "|"]
@@ -265,17 +220,65 @@ def table(results: dict) -> str:
         one.append(f"| {name} | " + " | ".join(f"{r[f'auroc_t{lo}_{hi}']:.3f}" for lo, hi in T_RANGES)
                    + f" | {r['fg_share_t300_500']:.2f} / {r['bg_share_t300_500']:.2f}"
                    f" | {r['step_change_in']:.3f} / {r['step_change_out']:.3f} |")
-    full = ["| identities, sampling | change in / out (out/in) | identity sim. MoA / hard / base / mismatched"
-            " | objects drawn MoA / base | soft vs hard in / out |", "|---" * 5 + "|"]
+    x0 = ["| identities, one step | " + " | ".join(f"x0 identity top-1 t={t} MoA / base" for t in IDENTITY_TS) + " |",
+          "|---" * (1 + len(IDENTITY_TS)) + "|"]
     for name in ("unseen", "seen"):
-        for label, p in (("txt2img", ""), (f"swap from t={results['config']['swap_t']}", "swap_")):
-            r = {k[len(p):]: v for k, v in results[name].items() if k.startswith(p)} if p else results[name]
-            ratio = r["sample_change_out"] / r["sample_change_in"] if r["sample_change_in"] else float("nan")
-            full.append(f"| {name}, {label} | {r['sample_change_in']:.3f} / {r['sample_change_out']:.3f} ({ratio:.2f})"
-                        f" | {r['id_moa']:.2f} / {r['id_hard']:.2f} / {r['id_base']:.2f} / {r['id_mismatched']:.2f}"
-                        f" | {r['objects_found_moa']:.2f} / {r['objects_found_base']:.2f}"
-                        f" | {r['soft_vs_hard_in']:.3f} / {r['soft_vs_hard_out']:.3f} |")
-    return "\n".join(one) + "\n\n" + "\n".join(full)
+        r = results[name]
+        x0.append(f"| {name} | " + " | ".join(f"{r[f'x0_top1_moa_t{t}']:.2f} / {r[f'x0_top1_base_t{t}']:.2f}"
+                                             for t in IDENTITY_TS) + " |")
+    t2i = ["| identities, txt2img | identity top-1 MoA / hard / base | mean rank MoA / base | centred cosine MoA / base"
+           " | change in / out (out/in) | soft vs hard in / out |", "|---" * 6 + "|"]
+    for name in ("unseen", "seen"):
+        r = results[name]
+        t2i.append(f"| {name} | {r['soft_top1']:.2f} / {r['hard_top1']:.2f} / {r['base_top1']:.2f}"
+                   f" | {r['soft_mean_rank']:.1f} / {r['base_mean_rank']:.1f} | {r['soft_cosine']:.2f} / {r['base_cosine']:.2f}"
+                   f" | {_ratio(r)} | {r['soft_vs_hard_in']:.3f} / {r['soft_vs_hard_out']:.3f} |")
+    r = results["unseen"]
+    swap = ["| unseen, swap | new identity top-1 MoA / hard / base | old identity top-1 MoA / hard / base"
+            " | change in / out the old object's region (out/in) | base reconstruction error |", "|---" * 5 + "|",
+            f"| inverted, regenerated | {r['swap_soft_new_top1']:.2f} / {r['swap_hard_new_top1']:.2f} /"
+            f" {r['swap_base_new_top1']:.2f} | {r['swap_soft_old_top1']:.2f} / {r['swap_hard_old_top1']:.2f} /"
+            f" {r['swap_base_old_top1']:.2f} | {_ratio(r, 'swap_')} | {r['swap_base_reconstruction_error']:.3f} |"]
+    return "\n".join(one) + "\n\n" + "\n".join(x0) + "\n\n" + "\n".join(t2i) + "\n\n" + "\n".join(swap)
+
+
+def train(cfg: ToyConfig, out: Path, base_path: Path, unet, ac, examples: list, unseen: EvalSet) -> TrainConfig:
+    """The adapter, trained by the trainer's own loop into out/adapter."""
+    from comfyui_moa.moa_attention.training.loop import prepare_output
+    tc = TrainConfig(base=base_path, clip_vision=Path("toy-encoder"), data=Path("toy-world"),
+                     output_dir=out / "adapter", expert=cfg.expert, rank=cfg.rank, resolution=world.SIZE * 8,
+                     batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps, seed=cfg.seed, checkpoint_every=0,
+                     log_every=10, eval_examples=len(unseen.examples), force=True, device="cpu", **cfg.loss)
+    prepare_output(tc, 0)
+    if train_adapter(tc, unet, ac, examples, "cpu", eval_examples=unseen.examples) == 130:
+        raise KeyboardInterrupt          # Ctrl-C: the adapter's checkpoint is kept, nothing to evaluate
+    return tc
+
+
+def evaluate(cfg: ToyConfig, out: Path, model, tc: TrainConfig, train_ids: list, sets: list[EvalSet]) -> dict:
+    """One-step numbers on the bare UNet, then pictures through ComfyUI; grids of the unseen set."""
+    unet, ac = model.diffusion_model, alphas_cumprod(model)
+    adapter = load_adapter(tc.output_dir / "adapter.safetensors").eval().requires_grad_(False)
+    centre = torch.stack([encoder.descriptor(*data.reference(i, torch.Generator().manual_seed(k)))
+                          for k, i in enumerate(train_ids)]).mean(0)
+    uninstall = install_layers(unet, adapter)
+    step = MoATrainStep(adapter, unet, ac, tc)
+    results = {es.name: {**one_step_numbers(step, es, cfg.seed * 1000 + 10 + k),
+                         **one_step_identity(step, es, centre, cfg.seed * 1000 + 15 + k)} for k, es in enumerate(sets)}
+    uninstall()
+    patcher, loaded = comfy_eval.comfy_model(model), LoadedAdapter(adapter, "toy")
+    spec = comfy_eval.SampleSpec(steps=cfg.sample_steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
+                                 scheduler=cfg.scheduler, swap_steps=cfg.swap_steps, swap_refine=cfg.swap_refine)
+    for k, es in enumerate(sets):
+        s, pictures = comfy_eval.txt2img_numbers(patcher, loaded, judged(es), centre, spec, cfg.seed * 1000 + 20 + k)
+        results[es.name].update(s)
+        if es.name == "unseen":
+            photos, masks, old = swap_photos(es, cfg.seed * 1000 + 30)
+            w, swapped = comfy_eval.swap_numbers(patcher, loaded, judged(es), photos, masks, old, centre, spec)
+            results[es.name].update({f"swap_{key}": v for key, v in w.items()})
+            write_grid(out / "grid.png", es, pictures)
+            write_grid(out / "grid_swap.png", es, swapped)
+    return results
 
 
 def run(cfg: ToyConfig, out: Path, base_path: Path) -> dict:
@@ -283,39 +286,15 @@ def run(cfg: ToyConfig, out: Path, base_path: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model, _ = get_base(cfg, base_path)
     t_base = time.time() - t_start
-    unet = model.diffusion_model
-    ac = alphas_cumprod(model)
     train_ids = world.identities(cfg.train_identities, cfg.seed * 1000 + 1)
     unseen_ids = world.identities(cfg.eval_identities, cfg.seed * 1000 + 2)
     examples = data.make_examples(train_ids, cfg.scenes_per_identity, cfg.seed * 1000 + 3)
     unseen = eval_set("unseen", unseen_ids, cfg.seed * 1000 + 4)
     seen = eval_set("seen", train_ids[: cfg.eval_identities], cfg.seed * 1000 + 5)
-    tc = TrainConfig(base=base_path, clip_vision=Path("toy-encoder"), data=Path("toy-world"),
-                     output_dir=out / "adapter", expert=cfg.expert, rank=cfg.rank, resolution=world.SIZE * 8,
-                     batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps, seed=cfg.seed, checkpoint_every=0,
-                     log_every=10, eval_examples=len(unseen.examples), force=True, device="cpu", **cfg.loss)
-    from comfyui_moa.moa_attention.training.loop import prepare_output
-    prepare_output(tc, 0)
     t0 = time.time()
-    if train_adapter(tc, unet, ac, examples, "cpu", eval_examples=unseen.examples) == 130:
-        raise KeyboardInterrupt          # Ctrl-C: the adapter's checkpoint is kept, nothing to evaluate
+    tc = train(cfg, out, base_path, model.diffusion_model, alphas_cumprod(model), examples, unseen)
     t_train = time.time() - t0
-
-    adapter = load_adapter(tc.output_dir / "adapter.safetensors").eval().requires_grad_(False)
-    install_layers(unet, adapter)
-    step = MoATrainStep(adapter, unet, ac, tc)
-    centre = torch.stack([encoder.descriptor(*data.reference(i, torch.Generator().manual_seed(k)))
-                          for k, i in enumerate(train_ids)]).mean(0)
-    results = {}
-    for k, es in enumerate((unseen, seen)):
-        r = one_step_numbers(step, es, cfg.seed * 1000 + 10 + k)
-        s, samples = sampling_numbers(unet, ac, es, cfg, adapter.fusion, centre, cfg.seed * 1000 + 20 + k)
-        w, swapped = sampling_numbers(unet, ac, es, cfg, adapter.fusion, centre, cfg.seed * 1000 + 30 + k,
-                                      start_t=cfg.swap_t)
-        results[es.name] = {**r, **s, **{f"swap_{key}": v for key, v in w.items()}}
-        if es.name == "unseen":
-            write_grid(out / "grid.png", es, samples)
-            write_grid(out / "grid_swap.png", es, swapped)
+    results = evaluate(cfg, out, model, tc, train_ids, [unseen, seen])
     results["seconds"] = {"base": round(t_base, 1), "adapter": round(t_train, 1),
                           "total": round(time.time() - t_start, 1)}
     results["config"] = asdict(cfg)
@@ -327,6 +306,34 @@ def run(cfg: ToyConfig, out: Path, base_path: Path) -> dict:
     print(f"grid: {out / 'grid.png'}  (rows: unseen identities; columns: reference, base, MoA, router map, MoA hard)")
     print(f"seconds: {results['seconds']}")
     return results
+
+
+#: (label, key in results["unseen"], target) of the numbers summarised over adapter seeds
+HEADLINE = (("txt2img identity top-1, MoA", "soft_top1", ">= 0.8"), ("txt2img identity top-1, hard", "hard_top1", ""),
+            ("txt2img identity top-1, base", "base_top1", "near 1/16"),
+            ("txt2img mean rank, MoA", "soft_mean_rank", ""),
+            ("txt2img context out/in", "context_ratio", "<= 0.2"),
+            ("share AUROC t 100-300", "auroc_t100_300", ">= 0.9"), ("share AUROC t 300-500", "auroc_t300_500", ">= 0.9"),
+            ("share AUROC t 500-700", "auroc_t500_700", ">= 0.9"),
+            ("swap new identity top-1, MoA", "swap_soft_new_top1", ">= 0.6"),
+            ("swap old identity top-1, MoA", "swap_soft_old_top1", "<= 0.2"),
+            ("swap context out/in", "swap_context_ratio", "<= 0.2"))
+
+
+def summary(per_seed: dict[int, dict]) -> tuple[str, dict]:
+    """Mean and standard deviation over adapter seeds of the headline numbers (unseen identities)."""
+    seeds = sorted(per_seed)
+    rows = ["| unseen identities | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | target |",
+            "|---" * (len(seeds) + 3) + "|"]
+    out = {}
+    for label, key, target in HEADLINE + (("top-1 soft - hard", None, "within 0.1"),):
+        vals = [r["unseen"][key] if key else r["unseen"]["soft_top1"] - r["unseen"]["hard_top1"]
+                for r in (per_seed[s] for s in seeds)]
+        t = torch.tensor(vals, dtype=torch.float64)
+        mean, std = float(t.mean()), float(t.std()) if len(vals) > 1 else 0.0
+        out[key or "soft_minus_hard_top1"] = {"values": vals, "mean": mean, "std": std}
+        rows.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {mean:.2f} ± {std:.2f} | {target} |")
+    return "\n".join(rows), out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,17 +350,30 @@ def main(argv: list[str] | None = None) -> int:
     for k in LOSS_OPTIONS:
         p.add_argument(f"--{k.replace('_', '-')}", type=type(getattr(td, k)), default=getattr(td, k),
                        help="as the trainer's option of that name")
+    p.add_argument("--adapter-seeds", type=int, default=1,
+                   help="adapters trained (seeds --seed, --seed + 1, ...) on the one cached base, each in out/seed<N>, "
+                        "and their headline numbers summarised with the spread (summary.md)")
     p.add_argument("--base-steps", type=int, default=d.base.steps)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads (default: all cores; use 1 when other jobs share the cores)")
     ns = vars(p.parse_args(argv))
     torch.set_num_threads(ns.pop("threads"))
-    out, base_file = ns.pop("out"), ns.pop("base_file")
+    out, base_file, n_seeds = ns.pop("out"), ns.pop("base_file"), ns.pop("adapter_seeds")
     base_cfg = base_mod.BaseConfig(steps=ns.pop("base_steps"))
     loss = {k: ns.pop(k) for k in LOSS_OPTIONS}
     cfg = ToyConfig(**ns, loss=loss, base=base_cfg)
-    torch.manual_seed(cfg.seed)
-    run(cfg, out, base_file)
+    if n_seeds <= 1:
+        torch.manual_seed(cfg.seed)
+        run(cfg, out, base_file)
+        return 0
+    per_seed = {}
+    for seed in range(cfg.seed, cfg.seed + n_seeds):
+        torch.manual_seed(seed)
+        per_seed[seed] = run(replace(cfg, seed=seed), out / f"seed{seed}", base_file)
+    text, numbers = summary(per_seed)
+    (out / "summary.md").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps(numbers, indent=2))
+    print(text)
     return 0
 
 
