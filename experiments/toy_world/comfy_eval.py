@@ -19,6 +19,7 @@ from comfyui_moa.moa_attention.comfyui.adapters import LoadedAdapter
 from comfyui_moa.moa_attention.comfyui.batch import SubjectBinding
 from comfyui_moa.moa_attention.comfyui.inversion import invert_latent
 from comfyui_moa.moa_attention.comfyui.patch import apply_moa, get_controller
+from comfyui_moa.moa_attention.comfyui.sampling import sample_latents, unit_scale_patcher
 from comfyui_moa.moa_attention.comfyui.subjects import fused_context
 from comfyui_moa.moa_attention.scoring.metrics import change_inside_outside, cosine
 
@@ -44,13 +45,8 @@ class SampleSpec:
 
 
 def comfy_model(model):
-    """The toy base as the ModelPatcher a checkpoint loader would give. Toy latents are already
-    at unit scale, so the latent format's scale is 1 (SD1.5's 0.18215 would rescale them)."""
-    import comfy.latent_formats
-    import comfy.model_patcher
-    model.latent_format = comfy.latent_formats.SD15(scale_factor=1.0)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    """The toy base as the MODEL a checkpoint loader would give (its latents are unit-scale)."""
+    return unit_scale_patcher(model, "cpu")
 
 
 def distinct_caption_groups(captions: list[str]) -> list[list[int]]:
@@ -67,12 +63,8 @@ def distinct_caption_groups(captions: list[str]) -> list[list[int]]:
     return groups
 
 
-@torch.no_grad()
 def _sample(model, noise, cond, uncond, steps: int, cfg: float, sampler: str, scheduler: str, latent=None):
-    import comfy.sample
-    latent = torch.zeros_like(noise) if latent is None else latent
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, [[cond, {}]], [[uncond, {}]], latent,
-                               disable_pbar=True, seed=0).float()
+    return sample_latents(model, noise, [[cond, {}]], [[uncond, {}]], steps, cfg, sampler, scheduler, latent)
 
 
 def bindings_for(fusion, texts: torch.Tensor, examples: list, features: list[torch.Tensor],

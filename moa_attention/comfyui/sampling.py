@@ -34,3 +34,24 @@ def unload_models() -> None:
     device, so a caller training on another device must move its modules back."""
     import comfy.model_management
     comfy.model_management.unload_all_models()
+
+
+def unit_scale_patcher(base_model, device: torch.device | str = "cpu"):
+    """A MODEL (ModelPatcher) around a BaseModel whose latents are already at unit scale (no VAE,
+    as in the toy world): SD1.5's latent scale 0.18215 would rescale them on the way in and out."""
+    import comfy.latent_formats
+    import comfy.model_patcher
+    base_model.latent_format = comfy.latent_formats.SD15(scale_factor=1.0)
+    device = torch.device(device)
+    return comfy.model_patcher.ModelPatcher(base_model, load_device=device, offload_device=device)
+
+
+def sample_latents(model, noise: torch.Tensor, positive: list, negative: list, steps: int, cfg: float,
+                   sampler: str, scheduler: str, latent: torch.Tensor | None = None) -> torch.Tensor:
+    """KSampler on a batch of latents: txt2img from `noise` (latent None), or continuing from
+    `latent` with zero noise (KSamplerAdvanced with add_noise disabled)."""
+    import comfy.sample
+    latent = torch.zeros_like(noise) if latent is None else latent
+    with torch.no_grad():
+        return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                   disable_pbar=True, seed=0).float()
