@@ -91,13 +91,23 @@ def test_personal_expert_gets_fused_tokens_and_the_prior_plain_ones(comfy, pack,
     assert torch.equal(binding.plain, plain)
 
     personal_contexts, prior_contexts = [], []
-    original_project = PersonalExpert.project
+    original_project, original_rows = PersonalExpert.project, PersonalExpert.project_rows
 
-    def spy(self, name, x, prior, prior_result=None):
+    def seen(name, x):
         if name == "to_k" and x.shape[1] == 77:
             personal_contexts.append(x.detach().clone())
+
+    def spy(self, name, x, prior, prior_result=None):
+        seen(name, x)
         return original_project(self, name, x, prior, prior_result)
+
+    def spy_rows(self, name, x, prior, batch, rows):     # cross-attention k/v go through project_rows
+        if x.shape[1:] != batch.shape[1:] or x.shape == batch.shape:
+            return original_rows(self, name, x, prior, batch, rows)   # it calls project: seen there
+        seen(name, x)
+        return original_rows(self, name, x, prior, batch, rows)
     monkeypatch.setattr(PersonalExpert, "project", spy)
+    monkeypatch.setattr(PersonalExpert, "project_rows", spy_rows)
     attn2 = next(p for p in (s.path for s in controller.adapter.config.layers) if p.endswith("attn2"))
     prior_module = patched.get_model_object(f"diffusion_model.{attn2}").prior_module
     hook = prior_module.to_k.register_forward_pre_hook(lambda m, args: prior_contexts.append(args[0].clone()))
