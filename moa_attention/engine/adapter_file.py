@@ -122,7 +122,8 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
                           f"{config.image_dim}", "Re-export the adapter with the MoA trainer")
     if config.text_dim != base.context_dim:
         raise _fail(path, f"text embedding width {config.text_dim}, {base.label} uses {base.context_dim} "
-                          f"(an adapter of another base model?)", f"Use an adapter trained on an {base.label} checkpoint")
+                          f"(an adapter of another base model?)",
+                    f"Use an adapter trained on an {base.label} checkpoint")
     return config
 
 
