@@ -50,7 +50,7 @@ class MoAApply:
         if not subjects:
             raise refuse(NODE, "subjects is empty. Connect a MoA Subject node")
         with refusals(NODE):        # strength and the schedule are checked by apply_moa, NaN included
-            check_model_base(model, moa_adapter.config.base, moa_adapter.name)
+            check_model_base(model, moa_adapter.config.base, getattr(moa_adapter, "name", None))
             check_text_encoder_base(clip, moa_adapter.config.base)
             check_image_encoder(clip_vision, moa_adapter.config.image_encoder, moa_adapter.config.image_dim)
             conditioning, bindings = build_bindings(clip, clip_vision, moa_adapter.adapter.fusion, prompt, subjects)

@@ -3,7 +3,8 @@
 No real model weights can be downloaded on the test machines, and committing
 them is out of the question.  These helpers make files and in-memory models
 that ComfyUI's stock loaders accept as a real SD1.5 checkpoint, a TAESD VAE, a
-UNet-only file and a CLIP ViT-L/14 vision encoder.  Key names and shapes always
+UNet-only file and a CLIP ViT-L/14 vision encoder, and in-memory SDXL-shaped
+models, CLIPs and small CLIP vision models for the base refusals.  Key names and shapes always
 come from ComfyUI's classes (``comfy.supported_models.SD15``,
 ``comfy.model_base``, ``comfy.sd1_clip``, ``comfy.clip_vision``,
 ``comfy.taesd``), so a ComfyUI upgrade that changes a format breaks these
