@@ -1,7 +1,7 @@
 """MoA Apply: patch a model with a MoA adapter and bind subjects to the prompt."""
 from __future__ import annotations
 
-from ..moa_attention.comfyui.models import check_image_encoder, check_sd15_model
+from ..moa_attention.comfyui.models import check_image_encoder, check_model_base, check_text_encoder_base
 from ..moa_attention.comfyui.patch import MAX_STRENGTH, apply_moa
 from ..moa_attention.comfyui.subjects import build_bindings
 from .common import ADAPTER_TYPE, CATEGORY, SUBJECTS_TYPE, refusals, refuse
@@ -50,7 +50,8 @@ class MoAApply:
         if not subjects:
             raise refuse(NODE, "subjects is empty. Connect a MoA Subject node")
         with refusals(NODE):        # strength and the schedule are checked by apply_moa, NaN included
-            check_sd15_model(model)
+            check_model_base(model, moa_adapter.config.base, getattr(moa_adapter, "name", None))
+            check_text_encoder_base(clip, moa_adapter.config.base)
             check_image_encoder(clip_vision, moa_adapter.config.image_encoder, moa_adapter.config.image_dim)
             conditioning, bindings = build_bindings(clip, clip_vision, moa_adapter.adapter.fusion, prompt, subjects)
             patched = apply_moa(model, moa_adapter, bindings, strength=strength, start_percent=start_percent,

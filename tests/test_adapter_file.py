@@ -304,7 +304,11 @@ BAD_METADATA = [
     ("version-not-a-number", _set("moa.format_version", "one"),
      r"unreadable format version 'one'\. Re-export the adapter with the MoA trainer"),
     ("sdxl-base", _set("moa.base", "sdxl"),
-     r"made for base model 'sdxl'.*SD1\.5.*Use an adapter trained on an SD1\.5 checkpoint"),
+     r"made for SDXL \('sdxl'\): it needs SDXL support, which this version of comfyui-moa lacks \(it runs MoA on "
+     r"SD1\.5\)\. Update comfyui-moa \(ComfyUI Manager > Update\) to a version with SDXL support"),
+    ("unknown-base", _set("moa.base", "sd35"),
+     r"made for base model 'sd35', which this comfyui-moa does not know \(it knows 'sd15', 'sdxl'\)\. "
+     r"Update comfyui-moa"),
     ("sdxl-text-dim", _set("moa.text_dim", "2048"),
      r"text embedding width 2048, SD1\.5 uses 768.*Use an adapter trained on an SD1\.5 checkpoint"),
     ("layers-bad-json", lambda m: m.__setitem__("moa.layers", m["moa.layers"][:-7]),

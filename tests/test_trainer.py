@@ -95,6 +95,14 @@ def test_training_lowers_the_loss_and_logs_the_disentanglement_numbers(trained):
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_000006", "step_000012"]
 
 
+def test_the_adapter_records_the_image_encoder_of_its_clip_vision(trained):
+    """Read from the loaded --clip-vision (tests/test_bases.py trains with another width)."""
+    from comfyui_moa.moa_attention.engine.adapter_file import read_adapter_metadata
+    for path in (trained / "adapter.safetensors", trained / "checkpoints" / "step_000006" / "adapter.safetensors"):
+        meta = read_adapter_metadata(path)
+        assert (meta["moa.image_encoder"], meta["moa.image_dim"], meta["moa.base"]) == ("clip_vit_l14", "768", "sd15")
+
+
 def test_a_sample_mid_run_leaves_the_models_where_training_runs(trained):
     assert [s["step"] for s in SAMPLED] == [6, 12]
     assert (trained / "samples" / "step_000006.png").is_file()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.errors import ModelMismatchError, MoAInputError
-from .models import check_sd15_model
+from .models import check_model_base
 
 
 def require_file(path: Path, label: str) -> None:
@@ -22,7 +22,7 @@ def load_sd15_checkpoint(path: Path, label: str = "checkpoint") -> tuple:
     if clip is None:
         raise ModelMismatchError(f"{label} {path} has no text encoder: use a full SD1.5 checkpoint")
     try:
-        check_sd15_model(model)
+        check_model_base(model)
     except ModelMismatchError as e:
         raise ModelMismatchError(f"{label} {path}: {e}") from None
     return model, clip, vae

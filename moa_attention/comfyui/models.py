@@ -1,34 +1,93 @@
-"""What MoA accepts from ComfyUI's model objects: an SD1.5 UNet, its CLIP text encoder and a
-CLIP vision encoder of the adapter's width. Each check lives here once; the nodes and the
-trainer call the same functions, so they refuse the same things with the same words."""
+"""What MoA accepts from ComfyUI's model objects: a UNet and a CLIP text encoder of the adapter's
+base model (engine.bases) and a CLIP vision encoder of the adapter's width. Each check lives
+here once; the nodes and the trainer call the same functions, so they refuse the same things
+with the same words."""
 from __future__ import annotations
 
+import torch
+
+from ..engine.adapter import IMAGE_ENCODER_NAMES
+from ..engine.bases import BASES, SD15, SDXL_REFINER, Base, base_of_text_streams, base_of_unet, supported_labels
 from ..engine.errors import ModelMismatchError
 
-SD15_CONTEXT_DIM = 768
+SD15_CONTEXT_DIM = SD15.context_dim
 
 
-def check_sd15_model(model) -> None:
-    """`model`: a ModelPatcher (MODEL) or the BaseModel inside it."""
+def _unet_config(model) -> tuple[str, dict]:
     base = getattr(model, "model", model)
     cfg = getattr(base, "model_config", None)
-    unet = getattr(cfg, "unet_config", {}) or {}
-    if unet.get("context_dim") != SD15_CONTEXT_DIM or unet.get("in_channels", 4) != 4 or unet.get("adm_in_channels"):
-        name = type(cfg).__name__ if cfg is not None else type(model).__name__
-        raise ModelMismatchError(f"model is {name} (context_dim {unet.get('context_dim')}); MoA adapters run on "
-                                 f"SD1.5 models. Load an SD1.5 checkpoint")
+    name = type(cfg).__name__ if cfg is not None else type(model).__name__
+    return name, getattr(cfg, "unet_config", {}) or {}
+
+
+def model_base(model) -> Base | None:
+    """The known base of a ModelPatcher (MODEL) or the BaseModel inside it; None for others
+    (SD2, SD3, inpainting UNets, ...)."""
+    _, unet = _unet_config(model)
+    if unet.get("in_channels", 4) != 4:
+        return None
+    return base_of_unet(unet.get("context_dim"), unet.get("adm_in_channels"))
+
+
+def check_model_base(model, base: str = SD15.name, adapter_name: str | None = None) -> Base:
+    """Refuse a model that is not of `base` (the adapter's, named `adapter_name`), or one this
+    pack cannot run MoA on, naming both bases. Returns the model's base."""
+    expected = BASES[base]
+    name, unet = _unet_config(model)
+    found = model_base(model)
+    supported = supported_labels()
+    if found is None:
+        extra = f", in_channels {unet.get('in_channels')}" if unet.get("in_channels", 4) != 4 else ""
+        raise ModelMismatchError(f"model is {name} (context_dim {unet.get('context_dim')}{extra}); MoA adapters run "
+                                 f"on {supported} models. Load an {supported} checkpoint")
+    if found is SDXL_REFINER:
+        raise ModelMismatchError(f"model is {name}, the {found.describe()}: MoA does not run on the refiner, only on a "
+                                 f"base model. Load an {supported} checkpoint")
+    if found is not expected:
+        who = f"the adapter '{adapter_name}' was trained on" if adapter_name else "MoA here runs on"
+        raise ModelMismatchError(f"model is {name}, an {found.describe()} model, but {who} {expected.label}. "
+                                 f"Load an {expected.label} checkpoint, or use an adapter trained on {found.label}")
+    if not found.supported:
+        raise ModelMismatchError(f"model is {name}, an {found.describe()} model: this version of comfyui-moa runs "
+                                 f"MoA on {supported} only. Update comfyui-moa for {found.label} support, or load an "
+                                 f"{supported} checkpoint")
+    return found
+
+
+def text_streams(clip) -> dict[str, int]:
+    """The text encoders inside a CLIP object by stream name ('l', 'g', ...) with their widths."""
+    streams: dict[str, int] = {}
+    stage = getattr(clip, "cond_stage_model", None)
+    for attr, encoder in (stage.named_children() if isinstance(stage, torch.nn.Module) else ()):
+        if attr.startswith("clip_"):
+            transformer = getattr(encoder, "transformer", None)
+            embedding = transformer.get_input_embeddings() if hasattr(transformer, "get_input_embeddings") else None
+            streams[attr[len("clip_"):]] = getattr(embedding, "embedding_dim", 0)
+    return streams
+
+
+def check_text_encoder_base(clip, base: str = SD15.name) -> None:
+    """Refuse a CLIP whose text streams are not `base`'s (an SDXL CLIP on an SD1.5 model and
+    back): the fused prompt and the model's cross-attention need exactly the base's widths."""
+    expected = BASES[base]
+    if clip is None:
+        raise ModelMismatchError(f"clip is None: the checkpoint has no text encoder. Load an {expected.label} "
+                                 f"checkpoint that includes CLIP, or add a CLIP loader")
+    streams = text_streams(clip)
+    if streams == dict(expected.text_streams):
+        return
+    found = base_of_text_streams(streams)
+    parts = " + ".join(f"clip_{n} {w}" for n, w in streams.items()) or type(clip.cond_stage_model).__name__
+    what = f"the {found.label} text encoder" if found else "a text encoder"
+    raise ModelMismatchError(f"clip is {what} ({parts}), but MoA here needs the {expected.label} one ("
+                             + " + ".join(f"clip_{n} {w}" for n, w in expected.text_streams)
+                             + f"). Connect the CLIP output of the {expected.label} checkpoint's loader")
 
 
 def sd15_tokenizer(clip):
-    """The CLIP-L tokenizer inside an SD1.5 CLIP object."""
-    if clip is None:
-        raise ModelMismatchError("clip is None: the checkpoint has no text encoder. Load an SD1.5 checkpoint that "
-                                 "includes CLIP, or add a CLIP loader")
-    tok = getattr(clip.tokenizer, "clip_l", None)
-    if tok is None:
-        raise ModelMismatchError("MoA needs an SD1.5 CLIP (text encoder 'clip_l'); this CLIP has "
-                                 f"{type(clip.tokenizer).__name__}. Load the CLIP of an SD1.5 checkpoint")
-    return tok
+    """The CLIP-L tokenizer inside an SD1.5 CLIP object; any other CLIP is refused by name."""
+    check_text_encoder_base(clip, SD15.name)
+    return clip.tokenizer.clip_l
 
 
 def image_feature_dim(clip_vision) -> int | None:
@@ -36,14 +95,27 @@ def image_feature_dim(clip_vision) -> int | None:
     return getattr(proj, "out_features", None)
 
 
-def check_image_encoder(clip_vision, image_encoder: str, image_dim: int) -> None:
+def image_encoder_of(clip_vision, label: str = "clip_vision") -> tuple[str, int]:
+    """(name, width) of a loaded CLIP vision model, as an adapter records it: a known name
+    (clip_vit_l14, ...) when its width and input size are a known encoder's."""
     if clip_vision is None:
-        raise ModelMismatchError("clip_vision is None. Load the CLIP ViT-L/14 vision model with Load CLIP Vision")
+        raise ModelMismatchError(f"{label} is None. Load the CLIP ViT-L/14 vision model with Load CLIP Vision")
+    dim = image_feature_dim(clip_vision)
+    if not dim:
+        raise ModelMismatchError(f"{label} has no image projection (visual_projection): not a CLIP vision model "
+                                 f"MoA can use. Load the CLIP ViT-L/14 vision model")
+    size = int(getattr(clip_vision, "image_size", 224))
+    return IMAGE_ENCODER_NAMES.get((dim, size), f"clip_vision_{dim}d_{size}px"), dim
+
+
+def check_image_encoder(clip_vision, image_encoder: str, image_dim: int, label: str = "clip_vision") -> None:
+    if clip_vision is None:
+        raise ModelMismatchError(f"{label} is None. Load the CLIP ViT-L/14 vision model with Load CLIP Vision")
     dim = image_feature_dim(clip_vision)
     if dim is not None and dim != image_dim:
-        raise ModelMismatchError(f"clip_vision gives {dim}-d image embeddings, but the adapter expects {image_encoder} "
-                                 f"({image_dim}-d). Load the CLIP ViT-L/14 vision model (e.g. "
-                                 f"clip_vision_vit_l14.safetensors) in Load CLIP Vision")
+        raise ModelMismatchError(f"{label} gives {dim}-d image embeddings, but the adapter expects {image_encoder} "
+                                 f"({image_dim}-d). Load the image encoder the adapter was trained with (for "
+                                 f"clip_vit_l14: the CLIP ViT-L/14 vision model, e.g. clip_vision_vit_l14.safetensors)")
 
 
 def new_sd15_model(unet_config: dict, dtype=None):
@@ -51,7 +123,6 @@ def new_sd15_model(unet_config: dict, dtype=None):
     schedule) with the given UNet shape, for experiments that train their own base. Its weights
     are uninitialised: ComfyUI's ops skip torch's init, so initialise them before use."""
     import comfy.supported_models
-    import torch
     model_config = comfy.supported_models.SD15(unet_config)
     model_config.set_inference_dtype(dtype or torch.float32, None)
     return model_config.get_model({})

@@ -15,8 +15,11 @@ from .unet_layers import LayerSpec, find_attention_layers, get_submodule
 
 BASE_SD15 = "sd15"
 IMAGE_ENCODER_CLIP_L14 = "clip_vit_l14"
-#: the width of each image encoder's projected embeds
-IMAGE_ENCODER_DIMS = {IMAGE_ENCODER_CLIP_L14: 768}
+#: the image encoders known by name, by (width of the projected embeds, input size in pixels)
+IMAGE_ENCODER_NAMES = {(768, 224): IMAGE_ENCODER_CLIP_L14, (768, 336): "clip_vit_l14_336",
+                       (1024, 224): "clip_vit_h14", (1280, 224): "clip_vit_bigg14"}
+#: the width of each known image encoder's projected embeds
+IMAGE_ENCODER_DIMS = {name: dim for (dim, _), name in IMAGE_ENCODER_NAMES.items()}
 
 
 @dataclass

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import IMAGE_ENCODER_DIMS, AdapterConfig, MoAAdapter, module_key
+from .bases import BASES, Base, supported_labels
 from .errors import AdapterFileError, MoAInputError
 from .files import atomic_write
 from .unet_layers import LayerSpec
@@ -101,14 +102,11 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
     if version > FORMAT_VERSION:
         raise _fail(path, f"written in adapter format {version}, this comfyui-moa reads up to {FORMAT_VERSION}",
                     "Update comfyui-moa (ComfyUI Manager > Update) to load it")
-    base = meta.get("moa.base", "")
-    if base != "sd15":
-        raise _fail(path, f"made for base model {base!r}, but this pack runs MoA on SD1.5 ('sd15')",
-                    "Use an adapter trained on an SD1.5 checkpoint")
+    base = _base_of(path, meta.get("moa.base", ""))
     try:
         layers = [LayerSpec.from_list(r) for r in json.loads(meta["moa.layers"])]
         config = AdapterConfig(
-            layers=layers, expert=meta["moa.expert"], rank=int(meta["moa.rank"]), base=base,
+            layers=layers, expert=meta["moa.expert"], rank=int(meta["moa.rank"]), base=base.name,
             image_encoder=meta["moa.image_encoder"], text_dim=int(meta["moa.text_dim"]),
             image_dim=int(meta["moa.image_dim"]), fusion_hidden=int(meta["moa.fusion_hidden"]),
             training=json.loads(meta.get("moa.training") or "{}"))
@@ -122,10 +120,29 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
     if known is not None and known != config.image_dim:
         raise _fail(path, f"image encoder {config.image_encoder} gives {known}-d features but the header says "
                           f"{config.image_dim}", "Re-export the adapter with the MoA trainer")
-    if config.text_dim != 768:
-        raise _fail(path, f"text embedding width {config.text_dim}, SD1.5 uses 768 (an SDXL adapter?)",
-                    "Use an adapter trained on an SD1.5 checkpoint")
+    if config.text_dim != base.context_dim:
+        raise _fail(path, f"text embedding width {config.text_dim}, {base.label} uses {base.context_dim} "
+                          f"(an adapter of another base model?)",
+                    f"Use an adapter trained on an {base.label} checkpoint")
     return config
+
+
+def _base_of(path: Path, name: str) -> Base:
+    """The header's base model, refused unless this pack runs MoA on it. A base this version
+    knows but cannot run (SDXL) or does not know at all asks for a newer pack, not a re-export."""
+    base = BASES.get(name)
+    supported = supported_labels()
+    if base is None:
+        raise _fail(path, f"made for base model {name!r}, which this comfyui-moa does not know (it knows "
+                          f"{', '.join(repr(b) for b in BASES)})",
+                    f"Update comfyui-moa (ComfyUI Manager > Update) to load it, or use an adapter trained on an "
+                    f"{supported} checkpoint")
+    if not base.supported:
+        raise _fail(path, f"made for {base.label} ('{base.name}'): it needs {base.label} support, which this "
+                          f"version of comfyui-moa lacks (it runs MoA on {supported})",
+                    f"Update comfyui-moa (ComfyUI Manager > Update) to a version with {base.label} support, or "
+                    f"use an adapter trained on an {supported} checkpoint")
+    return base
 
 
 def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:

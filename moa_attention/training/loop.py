@@ -22,11 +22,12 @@ from torch import nn
 
 from ..comfyui.adapters import LoadedAdapter
 from ..comfyui.loading import load_clip_vision, load_sd15_checkpoint, require_file
+from ..comfyui.models import image_encoder_of
 from ..comfyui.sampling import alphas_cumprod
-from ..engine.adapter import MoAAdapter, init_adapter_from_unet
+from ..engine.adapter import IMAGE_ENCODER_CLIP_L14, MoAAdapter, init_adapter_from_unet
 from ..engine.adapter_file import load_adapter, save_adapter
 from ..engine.attention_fn import sdpa_attention
-from ..engine.errors import MoAError, MoAInputError
+from ..engine.errors import ModelMismatchError, MoAError, MoAInputError
 from ..engine.layer import moa_layers
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
@@ -113,9 +114,10 @@ def run(cfg: TrainConfig) -> int:
         require_file(path, label)         # both, before minutes of loading
     model, clip, vae = load_sd15_checkpoint(cfg.base, "--base")
     clip_vision = load_clip_vision(cfg.clip_vision, "--clip-vision")
+    image_encoder = image_encoder_of(clip_vision, "--clip-vision")
     examples = encoded_examples(cfg, records, model, clip, vae, clip_vision, show=rank == 0)
     return train_adapter(cfg, model.model.diffusion_model, alphas_cumprod(model.model), examples, device,
-                         sampler=_sampler(cfg, model, vae, examples[0], device))
+                         sampler=_sampler(cfg, model, vae, examples[0], device), image_encoder=image_encoder)
 
 
 def _sampler(cfg: TrainConfig, model, vae, example: Example, device: torch.device) -> Sampler:
@@ -153,13 +155,15 @@ class _Training:
 
 def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: torch.Tensor,
                   examples: list[Example], device: torch.device | str, sampler: Sampler | None = None,
-                  eval_examples: list[Example] | None = None) -> int:
+                  eval_examples: list[Example] | None = None,
+                  image_encoder: tuple[str, int] = (IMAGE_ENCODER_CLIP_L14, 768)) -> int:
     """Train (or --resume) a MoA adapter on pre-encoded examples: the loop `run` drives, callable
     directly (the toy-world experiment does) with any SD1.5-architecture diffusion model and its
     alphas_cumprod. Writes everything run() writes into cfg.output_dir (rank 0). `sampler(adapter,
     step)` writes a sample at every multiple of cfg.sample_every (when set); it must leave the UNet
     and the adapter on `device` (ComfyUI's sampler moves them). eval_examples (default: examples)
-    are what evaluate() measures into summary.json before and after.
+    are what evaluate() measures into summary.json before and after. `image_encoder` (name, width)
+    is what made the examples' features: the adapter records it, a resumed one must match it.
 
     Returns 0, or 130 when interrupted (a checkpoint is kept); raises NonFiniteLossError when the
     loss becomes NaN or infinite. However it ends, `diffusion_model` comes back as it came."""
@@ -170,7 +174,8 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
     if rank == 0:
         _make_run_folders(cfg.output_dir)
     with borrowed_unet(diffusion_model, device) as unet:
-        adapter, resume_from = _start_adapter(cfg, unet, device, rank)
+        adapter, resume_from = _start_adapter(cfg, unet, device, rank, image_encoder)
+        _check_image_features(adapter, examples + list(eval_examples or []))
         with moa_layers(unet, adapter, sdpa_attention), checkpointed_blocks(unet, cfg.gradient_checkpointing):
             training = _prepare_run(cfg, adapter, unet, alphas_cumprod, device, rank, world, resume_from)
             eval_set = eval_examples or examples
@@ -189,21 +194,45 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
     return 0
 
 
-def _start_adapter(cfg: TrainConfig, unet: nn.Module, device: torch.device,
-                   rank: int) -> tuple[MoAAdapter, Path | None]:
-    """A fresh adapter for `unet`, or with --resume the newest checkpoint's (and its folder)."""
+def _start_adapter(cfg: TrainConfig, unet: nn.Module, device: torch.device, rank: int,
+                   image_encoder: tuple[str, int]) -> tuple[MoAAdapter, Path | None]:
+    """A fresh adapter for `unet` made for `image_encoder`, or with --resume the newest
+    checkpoint's (and its folder), refused when it was trained with another encoder's width."""
     checkpoints = checkpoint_dirs(cfg.output_dir) if cfg.resume else []
     if cfg.resume and not checkpoints and rank == 0:
         print(f"--resume: no checkpoint in {cfg.output_dir / 'checkpoints'} yet, starting from a fresh adapter")
     if checkpoints:
         adapter = load_adapter(checkpoints[-1] / "adapter.safetensors")
+        _check_resumed_encoder(adapter, image_encoder, checkpoints[-1])
         adapter.requires_grad_(True)
     else:
+        name, dim = image_encoder
         adapter = init_adapter_from_unet(unet, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed,
-                                         router_margin=cfg.router_margin)
+                                         router_margin=cfg.router_margin, image_encoder=name, image_dim=dim)
     adapter.config.training = {k: str(v) for k, v in asdict(cfg).items()}
     adapter.to(device).train()
     return adapter, checkpoints[-1] if checkpoints else None
+
+
+def _check_resumed_encoder(adapter: MoAAdapter, image_encoder: tuple[str, int], checkpoint: Path) -> None:
+    name, dim = image_encoder
+    if adapter.config.image_dim != dim:
+        raise ModelMismatchError(
+            f"--clip-vision is {name} ({dim}-d image embeddings), but the checkpoint being resumed ({checkpoint}) "
+            f"was trained with {adapter.config.image_encoder} ({adapter.config.image_dim}-d). Pass that run's "
+            f"--clip-vision, or train into a new --output-dir")
+
+
+def _check_image_features(adapter: MoAAdapter, examples: list[Example]) -> None:
+    """The encoded subjects' features must be as wide as the adapter's image input."""
+    config = adapter.config
+    for example in examples:
+        for feature in example.features:
+            if feature.shape[-1] != config.image_dim:
+                raise ModelMismatchError(
+                    f"the encoded dataset holds {feature.shape[-1]}-d image features ('{example.caption}'), but the "
+                    f"adapter expects {config.image_encoder} ({config.image_dim}-d). Encode the subjects with the "
+                    f"image encoder the adapter is made for (--clip-vision)")
 
 
 def _prepare_run(cfg: TrainConfig, adapter: MoAAdapter, unet: nn.Module, alphas_cumprod: torch.Tensor,

@@ -3,7 +3,8 @@
 No real model weights can be downloaded on the test machines, and committing
 them is out of the question.  These helpers make files and in-memory models
 that ComfyUI's stock loaders accept as a real SD1.5 checkpoint, a TAESD VAE, a
-UNet-only file and a CLIP ViT-L/14 vision encoder.  Key names and shapes always
+UNet-only file and a CLIP ViT-L/14 vision encoder, and in-memory SDXL-shaped
+models, CLIPs and small CLIP vision models for the base refusals.  Key names and shapes always
 come from ComfyUI's classes (``comfy.supported_models.SD15``,
 ``comfy.model_base``, ``comfy.sd1_clip``, ``comfy.clip_vision``,
 ``comfy.taesd``), so a ComfyUI upgrade that changes a format breaks these
@@ -226,6 +227,86 @@ def build_sd15_model_patcher(unet_config: dict[str, Any], seed: int = 0,
         load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
+
+
+# --------------------------------------------------------------------------
+# SDXL-shaped models, in process (for the refusals: MoA runs on SD1.5 only)
+# --------------------------------------------------------------------------
+
+def tiny_sdxl_unet_config(refiner: bool = False, model_channels: int = 64) -> dict[str, Any]:
+    """The keys of comfy/model_detection.py's SDXL (or SDXL refiner) dict at the smallest
+    depth: two levels, one transformer on the second, SDXL's context (2048; the refiner's
+    1280) and `y` width (adm_in_channels 2816; 2560), which is what tells the bases apart."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2560 if refiner else 2816,
+        "in_channels": 4, "model_channels": model_channels, "num_res_blocks": [1, 1],
+        "transformer_depth": [0, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1,
+        "use_linear_in_transformer": True, "context_dim": 1280 if refiner else 2048,
+        "transformer_depth_output": [0, 0, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def build_sdxl_model_patcher(unet_config: dict[str, Any], seed: int = 0, head_channels: int = 32,
+                             dtype: torch.dtype = torch.float32) -> "comfy.model_patcher.ModelPatcher":
+    """An SDXL (or, with context_dim 1280, SDXL refiner) MODEL built by ComfyUI's own model
+    config. ComfyUI forces 64 head channels on these configs when it constructs them; the
+    config is overridden afterwards so a narrow tiny UNet still has several heads."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    refiner = unet_config.get("context_dim") == 1280
+    model_config = (comfy.supported_models.SDXLRefiner if refiner else comfy.supported_models.SDXL)(unet_config)
+    model_config.unet_config["num_head_channels"] = head_channels
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    init_weights_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())
+
+
+_SMALL_TEXT_ENCODER = {"num_hidden_layers": 3, "intermediate_size": 64}   # 3: SDXL reads layer -2
+
+
+def build_tiny_clip(base: str = "sdxl", seed: int = 0):
+    """A CLIP object (what Load Checkpoint's CLIP output is) of `base` ('sd15', 'sdxl',
+    'sdxl_refiner') with ComfyUI's own tokenizers and text-encoder classes, shrunk in depth
+    through their `clip_l_model_config` / `clip_g_model_config` options: each stream keeps its
+    real width (768 for clip_l, 1280 for clip_g) and vocabulary."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    from comfy.supported_models_base import ClipTarget
+
+    small = {"clip_l_model_config": _SMALL_TEXT_ENCODER, "clip_g_model_config": _SMALL_TEXT_ENCODER}
+    tokenizer, model = {
+        "sd15": (comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+        "sdxl": (comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel),
+        "sdxl_refiner": (comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLRefinerClipModel),
+    }[base]
+    clip = comfy.sd.CLIP(target=ClipTarget(tokenizer, model), model_options={**small, "dtype": torch.float32})
+    init_weights_(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_tiny_clip_vision(config_name: str = "clip_vision_config_vitl.json", layers: int = 1):
+    """A CLIP_VISION object (what Load CLIP Vision gives) built by ComfyUI's ClipVisionModel from
+    one of its own configs (ViT-L/14, ViT-H/14, ViT-L/14-336, ...) cut to `layers` layers and a
+    narrow trunk: the projected width and the input size, which MoA reads, stay the real ones."""
+    import tempfile
+
+    import comfy.clip_vision
+
+    config = json.loads(Path(comfy.clip_vision.__file__).with_name(config_name).read_text())
+    config.update(num_hidden_layers=layers, hidden_size=64, intermediate_size=64, num_attention_heads=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / config_name
+        path.write_text(json.dumps(config))
+        clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
+    init_weights_(clip_vision.model, 0)
+    return clip_vision
 
 
 # --------------------------------------------------------------------------
