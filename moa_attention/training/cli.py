@@ -14,6 +14,7 @@ from pathlib import Path
 from ..comfyui.bootstrap import start_comfyui
 from ..engine.errors import MoAError
 from .config import TIMESTEP_BIASES, TrainConfig
+from .dataset import add_data_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", type=Path, required=True, help="SD1.5 checkpoint (.safetensors)")
     p.add_argument("--clip-vision", type=Path, required=True, help="CLIP ViT-L/14 vision model (.safetensors)")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder with manifest.jsonl")
+    p.add_argument("--data", type=Path, required=True,
+                   help="dataset folder: manifest.jsonl, or FastComposer's layout (image_ids*.txt, <id[:5]>/<id>.jpg/json/npy)")
     p.add_argument("--output-dir", type=Path, required=True,
                    help="run folder: adapter.safetensors, checkpoints/, samples/, loss_log.csv")
     p.add_argument("--expert", choices=["lowrank", "full"], default=d.expert, help="personalized expert storage")
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default=d.timestep_bias,
                    help="timestep sampling: uniform, or cubic (t = 1000 (1 - u^3), as T2I-Adapter trains: "
                         "more steps at high noise, where layout and identity are decided)")
+    add_data_options(p, d.split, d.coco_labels, d.max_subjects)
     _add_run_options(p, d)
     return p
 
@@ -88,7 +91,9 @@ def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ns = build_parser().parse_args(argv)
-    return TrainConfig(**{k: v for k, v in vars(ns).items()})
+    cfg = TrainConfig(**{k: v for k, v in vars(ns).items()})
+    cfg.coco_labels = tuple(cfg.coco_labels)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

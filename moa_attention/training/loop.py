@@ -30,7 +30,7 @@ from ..engine.errors import MoAError, MoAInputError
 from ..engine.layer import moa_layers
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
-from .dataset import Record, read_manifest
+from .dataset import Record, read_dataset
 from .encode import Example, encoded_examples
 from .sampling import write_sample
 from .step import AUROC_MAX_T, MoATrainStep, draw, evaluate
@@ -91,7 +91,7 @@ def _make_run_folders(out: Path) -> None:
 
 
 def _dataset(cfg: TrainConfig) -> list[Record]:
-    records, problems = read_manifest(cfg.data)
+    records, problems = read_dataset(cfg.data, cfg.split, cfg.coco_labels, cfg.max_subjects, augmented=True)
     if problems:
         listing = "\n".join(f"  {p}" for p in problems[:50])
         raise MoAInputError(f"dataset {cfg.data} has {len(problems)} problem(s); fix them first "
