@@ -118,6 +118,19 @@ def test_each_bad_image_is_reported_by_id_and_file(fc_data, comfy):
     assert any(str(p).startswith("id 0000200007: image 00002/0000200007.jpg is 64x48") for p in problems), problems
 
 
+def test_the_trainers_quick_read_finds_a_missing_segment_when_it_encodes(fc_data, comfy):
+    """The trainer reads only the maps' headers at start; a segment id missing from its map stops
+    the encoding of that image, naming the segment and the file."""
+    from comfyui_moa.moa_attention.engine.errors import MoAInputError
+    from comfyui_moa.moa_attention.training.dataset import read_dataset
+    root, _, bad = fc_data
+    records, problems = read_dataset(root, split="all", thorough=False)
+    assert sorted(p.where for p in problems) == sorted(f"id {i}" for i in bad if i != "0000200004")
+    (missing,) = [r for r in records if r.image_id == "0000200004"]
+    with pytest.raises(MoAInputError, match=r"segment 7 is not in the segment map .*0000200004\.npy"):
+        missing.subjects[0].mask_tensor(8)
+
+
 def test_class_words_masks_and_references_are_what_the_folder_says(fc_data, comfy):
     from comfyui_moa.moa_attention.training.dataset import read_dataset
     root, maps, _ = fc_data
@@ -187,7 +200,7 @@ def test_the_trainer_trains_on_the_folder_and_encodes_what_it_says(fc_env, fc_da
     from comfyui_moa.moa_attention.training.encode import load_examples
     from comfyui_moa.moa_attention.training.records import mask_from_array
     monkeypatch.setenv("MOA_CACHE_DIR", str(fc_env["cache"]))
-    with pytest.raises(MoAInputError, match=r"7 problem\(s\)(.|\n)*id 0000200003: missing file"):
+    with pytest.raises(MoAInputError, match=r"6 problem\(s\)(.|\n)*id 0000200003: missing file"):
         run_in_process(train_args(fc_env, tmp_path / "refused", "--split", "all"))
     out = tmp_path / "run"
     assert run_in_process(train_args(fc_env, out, "--steps", "2", "--eval-examples", "2")) == 0

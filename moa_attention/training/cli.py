@@ -81,6 +81,9 @@ def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="write a sample image every N steps")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--estimate", type=int, nargs="?", const=3, default=d.estimate, metavar="STEPS",
+                   help="time STEPS (3) real training steps with these options and print seconds per step, peak "
+                        "memory, the time for --steps and what to change if it does not fit; trains nothing")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--force", action="store_true", help="start over in a non-empty --output-dir")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     _deliver_ctrl_c()
     try:
         start_comfyui(cfg.comfyui, cpu=True if cfg.device == "cpu" else None)
+        if cfg.estimate:
+            from .estimate import run_estimate
+            return run_estimate(cfg)
         from .loop import run
         return run(cfg)
     except MoAError as e:

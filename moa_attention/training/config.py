@@ -46,6 +46,7 @@ class TrainConfig:
     sample_steps: int = 20
     log_every: int = 1
     resume: bool = False
+    estimate: int = 0                            # > 0: time this many steps, report the run's cost, train nothing
     force: bool = False
     device: str = "auto"
     comfyui: Path | None = None

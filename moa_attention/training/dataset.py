@@ -138,14 +138,15 @@ class _RowCheck:
 
 
 def read_dataset(root: str | Path, split: str = "train", coco_labels: tuple[str, ...] = ("person",),
-                 max_subjects: int = 4, augmented: bool = False) -> tuple[list[Record], list[Problem]]:
+                 max_subjects: int = 4, augmented: bool = False,
+                 thorough: bool = True) -> tuple[list[Record], list[Problem]]:
     """Records and problems of a dataset folder in either layout: FastComposer's (found by its
-    image-id lists; `split`, `coco_labels` and `max_subjects` apply to it, and ComfyUI must be
-    started for its tokenizer) or the manifest."""
+    image-id lists; `split`, `coco_labels`, `max_subjects` and `thorough` apply to it, and
+    ComfyUI must be started for its tokenizer) or the manifest."""
     if is_fastcomposer(root):
         if max_subjects < 1:
             return [], [Problem(0, f"--max-subjects must be at least 1, got {max_subjects}")]
-        return read_fastcomposer(root, split, tuple(coco_labels), max_subjects, augmented)
+        return read_fastcomposer(root, split, tuple(coco_labels), max_subjects, augmented, thorough)
     return read_manifest(root)
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..engine.errors import MoAInputError
 from ..engine.subject_images import BACKGROUND
 from .records import Problem, Record, SubjectRecord, image_size, load_image, mask_from_array
 
@@ -37,9 +38,10 @@ def is_fastcomposer(root: str | Path) -> bool:
     return any((Path(root) / name).is_file() for name in IDS_FILES.values())
 
 
-def load_segmap(path: Path) -> np.ndarray:
-    """[H, W] integer segment map; never unpickles (an object array is refused)."""
-    seg = np.load(path, allow_pickle=False)
+def load_segmap(path: Path, header_only: bool = False) -> np.ndarray:
+    """[H, W] integer segment map; never unpickles (an object array is refused). header_only maps
+    the file instead of reading it (its shape and type, for a quick check)."""
+    seg = np.load(path, allow_pickle=False, mmap_mode="r" if header_only else None)
     if seg.ndim != 2 or not np.issubdtype(seg.dtype, np.integer):
         raise ValueError(f"expected a 2-D integer array, got {seg.ndim}-D {seg.dtype}")
     return seg
@@ -71,7 +73,11 @@ class FastComposerSubject(SubjectRecord):
     augmented: bool = False
 
     def keep(self) -> np.ndarray:
-        return load_segmap(self.mask) == self.segment_id
+        keep = load_segmap(self.mask) == self.segment_id
+        if not keep.any():
+            raise MoAInputError(f"segment {self.segment_id} is not in the segment map {self.mask}; list every such "
+                                f"problem with python -m moa_attention.training.dataset {self.mask.parents[1]}")
+        return keep
 
     def mask_tensor(self, size: int | None = None) -> torch.Tensor:
         return mask_from_array(self.keep(), size)
@@ -115,6 +121,7 @@ class _IdCheck:
     image_id: str
     labels: tuple[str, ...]
     word_ids: WordIds
+    thorough: bool = True                 # read every segment map (else its header: the trainer's quick start)
     problems: list[Problem] = field(default_factory=list)
 
     def problem(self, message: str) -> None:
@@ -151,14 +158,14 @@ class _IdCheck:
     def record(self, max_subjects: int, augmented: bool) -> FastComposerRecord | None:
         info = self.info()
         size = self.read(".jpg", image_size)
-        seg = self.read(".npy", load_segmap)
+        seg = self.read(".npy", lambda p: load_segmap(p, header_only=not self.thorough))
         if size is not None and seg is not None and seg.shape != (size[1], size[0]):
             self.problem(f"image {self.rel(self.path('.jpg'))} is {size[0]}x{size[1]} but segment map "
                          f"{self.rel(self.path('.npy'))} is {seg.shape[1]}x{seg.shape[0]}")
         if info is None:
             return None
         chosen = [s for s in info[1] if not isinstance(s, dict) or s.get("coco_label") in self.labels]
-        ids = set(np.unique(seg).tolist()) if seg is not None else None
+        ids = set(np.unique(seg).tolist()) if seg is not None and self.thorough else None
         subjects = [self.subject(s, info[0], ids, size, augmented) for s in chosen]
         if self.problems or not subjects:
             return None
@@ -210,11 +217,12 @@ def read_ids(root: Path, split: str) -> tuple[list[str], list[Problem]]:
 
 
 def read_fastcomposer(root: str | Path, split: str = "train", coco_labels: tuple[str, ...] = ("person",),
-                      max_subjects: int = 4, augmented: bool = False,
+                      max_subjects: int = 4, augmented: bool = False, thorough: bool = True,
                       word_ids: WordIds | None = None) -> tuple[list[FastComposerRecord], list[Problem]]:
     """Every good image with at least one subject of `coco_labels` (up to `max_subjects`, in
     caption order) and every problem. `word_ids`: a word's CLIP token ids (default: ComfyUI's
-    SD1.5 tokenizer, ComfyUI started)."""
+    SD1.5 tokenizer, ComfyUI started). thorough=False reads only the segment maps' headers, so a
+    segment id missing from its map is found when the trainer encodes that image."""
     if word_ids is None:
         from ..comfyui.prompt import sd15_word_ids
         word_ids = sd15_word_ids
@@ -224,7 +232,7 @@ def read_fastcomposer(root: str | Path, split: str = "train", coco_labels: tuple
     for line, image_id in enumerate(ids, start=1):
         if not image_id:
             continue
-        check = _IdCheck(root, line, image_id, tuple(coco_labels), word_ids)
+        check = _IdCheck(root, line, image_id, tuple(coco_labels), word_ids, thorough)
         record = check.record(max_subjects, augmented)
         problems += check.problems
         if record is not None:
