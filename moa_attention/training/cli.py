@@ -93,7 +93,10 @@ def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.estimate < 0 or ns.max_subjects < 1:
+        parser.error("--estimate takes a number of steps >= 0 and --max-subjects a number >= 1")
     cfg = TrainConfig(**{k: v for k, v in vars(ns).items()})
     cfg.coco_labels = tuple(cfg.coco_labels)
     return cfg
