@@ -5,6 +5,7 @@ tokenizer API, so a ComfyUI change lands in one place."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -26,6 +27,21 @@ def word_tokens(clip, word: str) -> WordTokens:
     end = tok.end_token
     ids = ids[: ids.index(end)] if end in ids else ids
     return WordTokens(word, tuple(ids))
+
+
+@lru_cache(maxsize=1)
+def _sd15_tokenizer_alone():
+    import comfy.sd1_clip
+    return comfy.sd1_clip.SD1Tokenizer().clip_l
+
+
+def sd15_word_ids(word: str) -> tuple[int, ...]:
+    """The CLIP token ids of `word` from the tokenizer every SD1.5 checkpoint's CLIP carries
+    (ComfyUI's SD1Tokenizer), without loading a model: what a dataset validator checks class
+    words against before any training."""
+    tok = _sd15_tokenizer_alone()
+    ids = [int(t[0]) for t in tok.tokenize_with_weights(word)[0]][tok.tokens_start:]
+    return tuple(ids[: ids.index(tok.end_token)] if tok.end_token in ids else ids)
 
 
 def describe(clip, chunks: list[list[int]]) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..comfyui.bootstrap import start_comfyui
 from ..engine.errors import MoAError
 from .config import TIMESTEP_BIASES, TrainConfig
+from .dataset import add_data_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", type=Path, required=True, help="SD1.5 checkpoint (.safetensors)")
     p.add_argument("--clip-vision", type=Path, required=True, help="CLIP ViT-L/14 vision model (.safetensors)")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder with manifest.jsonl")
+    p.add_argument("--data", type=Path, required=True,
+                   help="dataset folder: manifest.jsonl, or FastComposer's layout (image_ids*.txt, <id[:5]>/<id>.jpg/json/npy)")
     p.add_argument("--output-dir", type=Path, required=True,
                    help="run folder: adapter.safetensors, checkpoints/, samples/, loss_log.csv")
     p.add_argument("--expert", choices=["lowrank", "full"], default=d.expert, help="personalized expert storage")
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default=d.timestep_bias,
                    help="timestep sampling: uniform, or cubic (t = 1000 (1 - u^3), as T2I-Adapter trains: "
                         "more steps at high noise, where layout and identity are decided)")
+    add_data_options(p, d.split, d.coco_labels, d.max_subjects)
     _add_run_options(p, d)
     return p
 
@@ -78,6 +81,9 @@ def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="write a sample image every N steps")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--estimate", type=int, nargs="?", const=3, default=d.estimate, metavar="STEPS",
+                   help="time STEPS (3) real training steps with these options and print seconds per step, peak "
+                        "memory, the time for --steps and what to change if it does not fit; trains nothing")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--force", action="store_true", help="start over in a non-empty --output-dir")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
@@ -87,8 +93,13 @@ def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    ns = build_parser().parse_args(argv)
-    return TrainConfig(**{k: v for k, v in vars(ns).items()})
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.estimate < 0 or ns.max_subjects < 1:
+        parser.error("--estimate takes a number of steps >= 0 and --max-subjects a number >= 1")
+    cfg = TrainConfig(**{k: v for k, v in vars(ns).items()})
+    cfg.coco_labels = tuple(cfg.coco_labels)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     _deliver_ctrl_c()
     try:
         start_comfyui(cfg.comfyui, cpu=True if cfg.device == "cpu" else None)
+        if cfg.estimate:
+            from .estimate import run_estimate
+            return run_estimate(cfg)
         from .loop import run
         return run(cfg)
     except MoAError as e:

@@ -11,8 +11,11 @@ TIMESTEP_BIASES = ("uniform", "cubic")
 class TrainConfig:
     base: Path                                   # SD1.5 checkpoint (.safetensors), loaded by ComfyUI
     clip_vision: Path                            # CLIP ViT-L/14 vision model, loaded by ComfyUI
-    data: Path                                   # dataset folder with manifest.jsonl
+    data: Path                                   # dataset folder: manifest.jsonl, or FastComposer's layout
     output_dir: Path
+    split: str = "train"                         # FastComposer layout: image_ids_<split>.txt ("all": image_ids.txt)
+    coco_labels: tuple[str, ...] = ("person",)   # FastComposer layout: segments that are subjects
+    max_subjects: int = 4                        # FastComposer layout: subjects per image at most
     expert: str = "lowrank"                      # "full" as in the paper; "lowrank" a rank-r delta, far smaller
     rank: int = 64
     resolution: int = 512                        # the paper trains SD1.5 at 512
@@ -43,6 +46,7 @@ class TrainConfig:
     sample_steps: int = 20
     log_every: int = 1
     resume: bool = False
+    estimate: int = 0                            # > 0: time this many steps, report the run's cost, train nothing
     force: bool = False
     device: str = "auto"
     comfyui: Path | None = None

@@ -12,7 +12,8 @@ subject, same size as the image). `references` are photos of the same subject (c
 image or other photos of it); `reference_masks`, optional, remove their background.
 
 `python -m moa_attention.training.dataset DIR` checks every row and lists every problem with its line
-number before any training starts.
+number before any training starts. A folder in FastComposer's layout is read by fastcomposer.py
+(its problems name the image id and the file).
 """
 from __future__ import annotations
 
@@ -22,49 +23,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from ..comfyui.bootstrap import start_comfyui
 from ..engine.files import read_json_lines
+from .fastcomposer import SPLITS, is_fastcomposer, read_fastcomposer
+from .records import Problem, Record, SubjectRecord, image_size, load_image, load_mask  # noqa: F401 (re-exported)
 
 MANIFEST = "manifest.jsonl"
 
 
-@dataclass(frozen=True)
-class Problem:
-    line: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"line {self.line}: {self.message}"
-
-
-@dataclass
-class SubjectRecord:
-    class_word: str
-    mask: Path
-    references: list[Path]
-    reference_masks: list[Path] | None
-
-
-@dataclass
-class Record:
-    line: int
-    image: Path
-    caption: str
-    subjects: list[SubjectRecord]
-
-
 def _words(caption: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", caption.lower())
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        return im.size
 
 
 def _check_file(root: Path, rel: object, what: str, line: int, problems: list[Problem]) -> tuple[Path, tuple] | None:
@@ -76,7 +44,7 @@ def _check_file(root: Path, rel: object, what: str, line: int, problems: list[Pr
         problems.append(Problem(line, f"{what}: missing file {rel}"))
         return None
     try:
-        return path, _image_size(path)
+        return path, image_size(path)
     except Exception as e:  # noqa: BLE001 (PIL raises many types for a bad file)
         problems.append(Problem(line, f"{what}: unreadable image {rel} ({type(e).__name__}: {e})"))
         return None
@@ -169,33 +137,41 @@ class _RowCheck:
         return refs, masks
 
 
-def _load(path: Path, mode: str, size: int | None, resample: int) -> torch.Tensor:
-    from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert(mode)
-        if size is not None:
-            im = im.resize((size, size), resample)
-        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+def read_dataset(root: str | Path, split: str = "train", coco_labels: tuple[str, ...] = ("person",),
+                 max_subjects: int = 4, augmented: bool = False,
+                 thorough: bool = True) -> tuple[list[Record], list[Problem]]:
+    """Records and problems of a dataset folder in either layout: FastComposer's (found by its
+    image-id lists; `split`, `coco_labels`, `max_subjects` and `thorough` apply to it, and
+    ComfyUI must be started for its tokenizer) or the manifest."""
+    if is_fastcomposer(root):
+        if max_subjects < 1:
+            return [], [Problem(0, f"--max-subjects must be at least 1, got {max_subjects}")]
+        return read_fastcomposer(root, split, tuple(coco_labels), max_subjects, augmented, thorough)
+    return read_manifest(root)
 
 
-def load_image(path: Path, size: int | None = None) -> torch.Tensor:
-    """[H, W, 3] float in [0, 1] (ComfyUI IMAGE layout), optionally resized to a square."""
-    from PIL import Image
-    return _load(path, "RGB", size, Image.BICUBIC)
-
-
-def load_mask(path: Path, size: int | None = None) -> torch.Tensor:
-    """[H, W] float in [0, 1], 1 = subject."""
-    from PIL import Image
-    return _load(path, "L", size, Image.BILINEAR)
+def add_data_options(p: argparse.ArgumentParser, split: str = "train", coco_labels: tuple = ("person",),
+                     max_subjects: int = 4) -> None:
+    """The options of a FastComposer-layout folder, shared by the trainer and the validator."""
+    p.add_argument("--split", choices=SPLITS, default=split,
+                   help="FastComposer layout: which image-id list (image_ids_<split>.txt; all: image_ids.txt)")
+    p.add_argument("--coco-labels", nargs="+", default=list(coco_labels), metavar="LABEL",
+                   help="FastComposer layout: the segments' coco_label values that are subjects")
+    p.add_argument("--max-subjects", type=int, default=max_subjects,
+                   help="FastComposer layout: subjects per image at most (the first ones in the caption)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moa_attention.training.dataset",
                                      description="Check a MoA training dataset and list every bad row.")
-    parser.add_argument("folder", help=f"dataset folder containing {MANIFEST}")
+    parser.add_argument("folder", help=f"dataset folder: {MANIFEST}, or FastComposer's layout (image_ids*.txt)")
+    add_data_options(parser)
+    parser.add_argument("--comfyui", type=Path, default=None, help="ComfyUI folder (its SD1.5 tokenizer checks "
+                                                                   "FastComposer class words)")
     args = parser.parse_args(argv)
-    records, problems = read_manifest(args.folder)
+    if is_fastcomposer(args.folder):
+        start_comfyui(args.comfyui, cpu=True)
+    records, problems = read_dataset(args.folder, args.split, tuple(args.coco_labels), args.max_subjects)
     for p in problems:
         print(p)
     print(f"{len(records)} good row(s), {len(problems)} problem(s)")

@@ -19,7 +19,7 @@ from ..comfyui.subjects import subject_feature
 from ..engine.errors import MoAInputError
 from ..engine.files import atomic_write
 from .config import TrainConfig
-from .dataset import Record, SubjectRecord, load_image, load_mask
+from .records import Record, SubjectRecord
 
 CACHE_VERSION = "v2"      # bump when what goes into an Example changes
 
@@ -37,8 +37,7 @@ class Example:
 def reference_feature(clip_vision, subject: SubjectRecord, label: str) -> torch.Tensor:
     """A subject's references as MoA Subject would pass them: one IMAGE batch (+ masks) when
     they share a size, else the mean of each photo's feature."""
-    images = [load_image(p) for p in subject.references]
-    masks = [load_mask(p) for p in subject.reference_masks] if subject.reference_masks else None
+    images, masks = subject.reference_tensors()
     if len({tuple(im.shape) for im in images}) == 1:
         return subject_feature(clip_vision, torch.stack(images), torch.stack(masks) if masks else None, label)
     return torch.stack([subject_feature(clip_vision, im[None], masks[i][None] if masks else None, label)
@@ -47,24 +46,24 @@ def reference_feature(clip_vision, subject: SubjectRecord, label: str) -> torch.
 
 @torch.no_grad()
 def encode_record(cfg: TrainConfig, rec: Record, model, clip, vae, clip_vision) -> Example:
-    image = load_image(rec.image, cfg.resolution)
+    image = rec.image_tensor(cfg.resolution)
     latent = image_to_latent(model, vae, image[None]).float()[0]
     prompt = encode_prompt(clip, rec.caption, [s.class_word for s in rec.subjects])
     if prompt.chunks != 1:
-        raise MoAInputError(f"{cfg.data}/manifest.jsonl line {rec.line}: caption longer than 75 tokens; shorten it")
-    features = [reference_feature(clip_vision, s, f"line {rec.line} '{s.class_word}'") for s in rec.subjects]
-    masks = torch.stack([load_mask(s.mask, cfg.resolution // 8) for s in rec.subjects])
+        raise MoAInputError(f"{cfg.data}, {rec.where}: caption longer than 75 tokens; shorten it")
+    features = [reference_feature(clip_vision, s, f"{rec.where} '{s.class_word}'") for s in rec.subjects]
+    masks = torch.stack([s.mask_tensor(cfg.resolution // 8) for s in rec.subjects])
     return Example(latent.cpu(), prompt.plain.float().cpu(), prompt.positions, features, masks, rec.caption)
 
 
 def _cache_key(cfg: TrainConfig, records: list[Record]) -> str:
     """Changes whenever anything the frozen encoders see changes (files by size and mtime)."""
     h = hashlib.sha256()
-    files = [cfg.base, cfg.clip_vision, Path(cfg.data) / "manifest.jsonl"]
+    manifest = Path(cfg.data) / "manifest.jsonl"
+    files = [cfg.base, cfg.clip_vision, *([manifest] if manifest.is_file() else [])]
     for rec in records:
-        files.append(rec.image)
-        for s in rec.subjects:
-            files += [s.mask, *s.references, *(s.reference_masks or [])]
+        files += rec.cache_files()
+        h.update(f"{rec.cache_tag()}\n".encode())
     for f in files:
         st = Path(f).stat()
         h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())

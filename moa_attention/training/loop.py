@@ -31,7 +31,7 @@ from ..engine.errors import ModelMismatchError, MoAError, MoAInputError
 from ..engine.layer import moa_layers
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
-from .dataset import Record, read_manifest
+from .dataset import Record, read_dataset
 from .encode import Example, encoded_examples
 from .sampling import write_sample
 from .step import AUROC_MAX_T, MoATrainStep, draw, evaluate
@@ -49,11 +49,11 @@ class NonFiniteLossError(MoAError, FloatingPointError):
 
 # ----------------------------------------------------------------------------- setup
 
-def _dist_info() -> tuple[int, int, int]:
+def dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+def training_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     if cfg.device != "auto":
         return torch.device(cfg.device)
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -91,8 +91,10 @@ def _make_run_folders(out: Path) -> None:
     (out / "samples").mkdir(parents=True, exist_ok=True)
 
 
-def _dataset(cfg: TrainConfig) -> list[Record]:
-    records, problems = read_manifest(cfg.data)
+def dataset_records(cfg: TrainConfig) -> list[Record]:
+    """The training records of cfg.data; refused (every problem listed) when any row is bad."""
+    records, problems = read_dataset(cfg.data, cfg.split, cfg.coco_labels, cfg.max_subjects, augmented=True,
+                                     thorough=False)
     if problems:
         listing = "\n".join(f"  {p}" for p in problems[:50])
         raise MoAInputError(f"dataset {cfg.data} has {len(problems)} problem(s); fix them first "
@@ -105,11 +107,11 @@ def _dataset(cfg: TrainConfig) -> list[Record]:
 def run(cfg: TrainConfig) -> int:
     """The command line's run: load the checkpoint with ComfyUI (started by the caller, see
     comfyui.bootstrap), encode the dataset (cached), then train_adapter() on it."""
-    rank, world, local_rank = _dist_info()
-    device = _device(cfg, local_rank)
+    rank, world, local_rank = dist_info()
+    device = training_device(cfg, local_rank)
     _join_process_group(world, device)
     prepare_output(cfg, rank)
-    records = _dataset(cfg)
+    records = dataset_records(cfg)
     for label, path in (("--base", cfg.base), ("--clip-vision", cfg.clip_vision)):
         require_file(path, label)         # both, before minutes of loading
     model, clip, vae = load_sd15_checkpoint(cfg.base, "--base")
@@ -168,7 +170,7 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
     Returns 0, or 130 when interrupted (a checkpoint is kept); raises NonFiniteLossError when the
     loss becomes NaN or infinite. However it ends, `diffusion_model` comes back as it came."""
     device = torch.device(device)
-    rank, world, _ = _dist_info()
+    rank, world, _ = dist_info()
     own_group = _join_process_group(world, device)
     torch.manual_seed(cfg.seed)
     if rank == 0:
@@ -177,7 +179,9 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
         adapter, resume_from = _start_adapter(cfg, unet, device, rank, image_encoder)
         _check_image_features(adapter, examples + list(eval_examples or []))
         with moa_layers(unet, adapter, sdpa_attention), checkpointed_blocks(unet, cfg.gradient_checkpointing):
-            training = _prepare_run(cfg, adapter, unet, alphas_cumprod, device, rank, world, resume_from)
+            training = prepare_run(cfg, adapter, unet, alphas_cumprod, device, rank, world, resume_from)
+            if rank == 0:
+                (cfg.output_dir / "config.json").write_text(json.dumps(adapter.config.training, indent=2))
             eval_set = eval_examples or examples
             eval_before = evaluate(training.plain_step, eval_set, cfg, device) if rank == 0 else {}
             try:
@@ -235,9 +239,9 @@ def _check_image_features(adapter: MoAAdapter, examples: list[Example]) -> None:
                     f"image encoder the adapter is made for (--clip-vision)")
 
 
-def _prepare_run(cfg: TrainConfig, adapter: MoAAdapter, unet: nn.Module, alphas_cumprod: torch.Tensor,
+def prepare_run(cfg: TrainConfig, adapter: MoAAdapter, unet: nn.Module, alphas_cumprod: torch.Tensor,
                  device: torch.device, rank: int, world: int, resume_from: Path | None) -> _Training:
-    """The step module, the optimizer (with its resumed state), mixed precision; config.json."""
+    """The step module, the optimizer (with its resumed state), mixed precision."""
     step_module: nn.Module = MoATrainStep(adapter, unet, alphas_cumprod, cfg).to(device)
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
@@ -245,8 +249,6 @@ def _prepare_run(cfg: TrainConfig, adapter: MoAAdapter, unet: nn.Module, alphas_
     names = {i: n for i, (n, _) in enumerate(trainable)}
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = load_trainer_state(resume_from / STATE_FILE, optimizer, names) if resume_from else 0
-    if rank == 0:
-        (cfg.output_dir / "config.json").write_text(json.dumps(adapter.config.training, indent=2))
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" and device.type == "cuda" else None
@@ -262,7 +264,7 @@ def _train_steps(training: _Training, examples: list[Example], sampler: Sampler 
     bar = tqdm(total=cfg.steps, initial=training.step, desc="training", disable=training.rank != 0)
     with _LossLog(cfg, training.rank) as log, bar:
         while training.step < cfg.steps:
-            totals = _one_step(training, examples, shape)
+            totals = one_step(training, examples, shape)
             training.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{totals['loss']:.4f}", bg=f"{totals['bg_share']:.3f}",
@@ -274,7 +276,7 @@ def _train_steps(training: _Training, examples: list[Example], sampler: Sampler 
             _save_and_sample(training, sampler)
 
 
-def _one_step(training: _Training, examples: list[Example], shape: tuple) -> dict[str, float]:
+def one_step(training: _Training, examples: list[Example], shape: tuple) -> dict[str, float]:
     """One optimizer step over cfg.grad_accum micro-batches; the loss terms averaged (over ranks too)."""
     cfg = training.cfg
     training.optimizer.zero_grad(set_to_none=True)
