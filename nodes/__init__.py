@@ -2,6 +2,7 @@
 from .adapter_loader import MoAAdapterLoader
 from .apply import MoAApply
 from .common import register_model_folder
+from .dataset import MoASaveTrainingExample
 from .evaluate import MoAEvaluate
 from .face_align import MoAFaceAlign
 from .inversion import MoADDIMInversionSampler, MoAInvertPhoto
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "MoASubjectMorph": MoASubjectMorph,
     "MoAInvertPhoto": MoAInvertPhoto,
     "MoADDIMInversionSampler": MoADDIMInversionSampler,
+    "MoASaveTrainingExample": MoASaveTrainingExample,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -31,6 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MoASubjectMorph": "MoA Subject Morph",
     "MoAInvertPhoto": "MoA Invert Photo",
     "MoADDIMInversionSampler": "MoA DDIM Inversion Sampler",
+    "MoASaveTrainingExample": "MoA Save Training Example",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_model_folder"]

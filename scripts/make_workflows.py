@@ -328,10 +328,43 @@ def style_lora():
     return nodes, links, groups
 
 
+SEGMENTATION_NOTE = """The mask here comes from a file (Load Image (as Mask), white = subject). To segment your pictures \
+in the graph instead, put a segmentation node between Load Image and MoA Subject's 'mask', e.g. from:
+- comfyui_segment_anything (GroundingDINO + SAM: a text prompt such as 'person' gives the mask),
+- ComfyUI-segment-anything-2 (SAM 2, points or boxes),
+- ComfyUI-Impact-Pack (SAM Detector, detector-driven masks),
+- ComfyUI-RMBG (background removal: the foreground as the mask).
+Or paint the subject in the Mask Editor (right-click the picture) and connect Load Image's MASK output."""
+
+
+def build_dataset():
+    nodes, links = {}, []
+    _note(nodes, "Read me: build a training dataset",
+          "Each run appends one example (the picture, each subject's mask and reference, the caption) to "
+          "ComfyUI/output/<dataset_name>/ in the trainer's manifest format; nothing is overwritten. Load the next "
+          "picture and its mask, change the caption, run again. Then check it and train: "
+          "`python -m moa_attention.training.dataset output/<dataset_name>` and "
+          "`python -m moa_attention.train --data output/<dataset_name> ...` (docs/training.md).",
+          "MoA Subject gets this picture and the subject's mask: the mask is saved as the subject's mask and the "
+          "picture cropped to it as the reference. The caption must contain every subject's class word. Several "
+          "subjects in one picture: chain MoA Subject nodes through 'previous', one mask each.",
+          SEGMENTATION_NOTE, height=620)
+    nodes["picture"] = dict(type="LoadImage", col=1, title="Picture", widgets={"image": "picture.png"}, size=[320, 340])
+    nodes["picture_mask"] = dict(type="LoadImageMask", col=1, title="Subject mask (white = subject)",
+                                 widgets={"image": "picture_mask.png", "channel": "red"}, size=[320, 340])
+    nodes["subject"] = dict(type="MoASubject", col=2, title="MoA Subject (woman)", widgets={"class_word": "woman"})
+    nodes["save"] = dict(type="MoASaveTrainingExample", col=2, size=[400, 260], widgets={
+        "caption": "a photo of a woman in a space suit holding a helmet", "dataset_name": "moa_dataset"})
+    links += [("picture", 0, "subject", "image"), ("picture_mask", 0, "subject", "mask"),
+              ("subject", 0, "save", "subjects"), ("picture", 0, "save", "image")]
+    groups = [("Picture and mask", ["picture", "picture_mask"]), ("Example", ["subject", "save"])]
+    return nodes, links, groups
+
+
 WORKFLOWS = {"moa_single_subject": single_subject, "moa_two_subjects": two_subjects,
              "moa_compare_strength": compare_strength, "moa_subject_swap": subject_swap, "moa_morph": morph,
              "moa_two_subjects_regions": regions, "moa_controlnet_pose": controlnet_pose,
-             "moa_style_lora": style_lora}
+             "moa_style_lora": style_lora, "moa_build_dataset": build_dataset}
 
 BUILD_JS = r"""
 const [spec, done] = [arguments[0], arguments[arguments.length - 1]];

@@ -33,8 +33,10 @@ IMAGE_NAMES = {"subject.png": "person.png", "subject_mask.png": "person_mask.png
                "dog.png": "cat.png", "dog_mask.png": "cat_mask.png",
                "subject_b.png": "cat.png", "subject_b_mask.png": "cat_mask.png",
                "left_region.png": "region_a.png", "right_region.png": "region_b.png",
-               "photo.png": "photo.png", "photo_subject_region.png": "photo_subject_region.png", "pose.png": "pose.png"}
+               "photo.png": "photo.png", "photo_subject_region.png": "photo_subject_region.png", "pose.png": "pose.png",
+               "picture.png": "person.png", "picture_mask.png": "person_mask.png"}
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
+DATASET_NODE = "MoASaveTrainingExample"   # a dataset-building workflow: no sampler, its output is an example
 # MOA_SCREENSHOTS=1: each workflow's look in the editor, small, in docs/ (the README shows them)
 SCREENSHOT_DIR = ROOT / "docs" / "workflows"
 SIZE, STEPS = 64, 2
@@ -51,7 +53,7 @@ def _ids(paths):
 def test_there_are_example_workflows():
     names = {p.stem for p in WORKFLOWS}
     assert {"moa_single_subject", "moa_two_subjects", "moa_subject_swap", "moa_morph", "moa_two_subjects_regions",
-            "moa_controlnet_pose", "moa_style_lora"} <= names, names
+            "moa_controlnet_pose", "moa_style_lora", "moa_build_dataset"} <= names, names
 
 
 def _widget_inputs(info: dict) -> list[tuple[str, list]]:
@@ -76,7 +78,8 @@ def test_workflow_file_matches_the_node_definitions(path: Path, server):
     assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
     unknown = sorted({n["type"] for n in wf["nodes"]} - set(object_info) - FRONTEND_ONLY)
     assert not unknown, f"node types not in /object_info: {unknown}"
-    assert {"MoAApply", "MoASubject", "MoAAdapterLoader", "MoARouterMaps"} <= {n["type"] for n in wf["nodes"]}
+    types = {n["type"] for n in wf["nodes"]}
+    assert {"MoAApply", "MoASubject", "MoAAdapterLoader", "MoARouterMaps"} <= types or {"MoASubject", DATASET_NODE} <= types
 
     links = {}
     for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
@@ -227,6 +230,16 @@ def _load(editor, path: Path) -> dict:
     return wf
 
 
+def _check_examples_saved(server, prompt: dict, entry: dict) -> None:
+    """A dataset-building workflow appended its example to a dataset the trainer's validator accepts."""
+    from comfyui_moa.moa_attention.training.dataset import read_manifest
+    for node_id in (i for i, n in prompt.items() if n["class_type"] == DATASET_NODE):
+        (example,) = entry["outputs"][node_id]["text"]
+        assert (server.base / "output" / example).is_file(), example
+        records, problems = read_manifest(server.base / "output" / example.split("/")[0])
+        assert problems == [] and records, problems
+
+
 def _prepare_and_run(editor, server) -> None:
     """Swap in the tiny models and images, queue the editor's own prompt, check every output's pictures."""
     prepared = json.loads(editor.execute_async_script(PREPARE_JS, MODEL_NAMES, IMAGE_NAMES, SIZE, STEPS))
@@ -235,6 +248,12 @@ def _prepare_and_run(editor, server) -> None:
     prompt = prepared["output"]
     kinds = [n["class_type"] for n in prompt.values()]
     assert not FRONTEND_ONLY & set(kinds), "frontend-only nodes must not reach the server"
+    if DATASET_NODE in kinds:
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", f"execution failed: {execution_error(entry)}"
+        _check_examples_saved(server, prompt, entry)
+        assert console_errors(editor) == []
+        return
     assert any(k in SAMPLERS for k in kinds) and all(
         n["inputs"]["steps"] == STEPS for n in prompt.values() if n["class_type"] in SAMPLERS + ("MoAInvertPhoto",))
 

@@ -10,6 +10,7 @@
 Paths are relative to the folder. `mask` is the subject's segmentation in `image` (white =
 subject, same size as the image). `references` are photos of the same subject (crops of this
 image or other photos of it); `reference_masks`, optional, remove their background.
+ComfyUI's MoA Save Training Example node appends rows to this layout (engine/dataset_writer.py).
 
 `python -m moa_attention.training.dataset DIR` checks every row and lists every problem with its line
 number before any training starts. A folder in FastComposer's layout is read by fastcomposer.py
@@ -18,21 +19,15 @@ number before any training starts. A folder in FastComposer's layout is read by 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..comfyui.bootstrap import start_comfyui
+from ..engine.dataset_writer import MANIFEST, caption_words
 from ..engine.files import read_json_lines
 from .fastcomposer import SPLITS, is_fastcomposer, read_fastcomposer
 from .records import Problem, Record, SubjectRecord, image_size, load_image, load_mask  # noqa: F401 (re-exported)
-
-MANIFEST = "manifest.jsonl"
-
-
-def _words(caption: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", caption.lower())
 
 
 def _check_file(root: Path, rel: object, what: str, line: int, problems: list[Problem]) -> tuple[Path, tuple] | None:
@@ -106,7 +101,7 @@ class _RowCheck:
         word = s.get("class_word")
         if not isinstance(word, str) or not word.strip():
             self.problem(f"{label}: class_word missing")
-        elif word.lower() not in _words(caption):
+        elif word.lower() not in caption_words(caption):
             self.problem(f"{label}: class word '{word}' not in caption {caption!r}")
         mask = self.file(s.get("mask"), f"{label} mask")
         if mask and image and mask[1] != image[1]:
