@@ -1,6 +1,7 @@
 """Find each subject's class word among the prompt's CLIP tokens.
 
-Works on token ids as ComfyUI's SD1.5 tokenizer produces them: a list of 77-token chunks
+Works on token ids as ComfyUI's CLIP tokenizers produce them (SD1.5's clip_l; SDXL's clip_l and
+clip_g, one list each, bound together by bind_streams): a list of 77-token chunks
 (start token, up to 75 prompt tokens, end/padding), so a prompt longer than 77 tokens and
 prompt weighting like "(man:1.2)" (which changes weights, not ids) need no special case.
 A position is an index into the flattened chunks, i.e. the row of the encoded prompt.
