@@ -24,9 +24,9 @@ class MoAApply:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.5 model."}),
+            "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model: the base the adapter was trained on."}),
             "moa_adapter": (ADAPTER_TYPE, {"tooltip": "From MoA Adapter Loader."}),
-            "clip": ("CLIP", {"tooltip": "The SD1.5 text encoder (from the checkpoint loader)."}),
+            "clip": ("CLIP", {"tooltip": "The model's text encoder (from the same checkpoint loader)."}),
             "clip_vision": ("CLIP_VISION", {"tooltip": "The image encoder the adapter was trained with "
                                                        "(CLIP ViT-L/14, from Load CLIP Vision)."}),
             "subjects": (SUBJECTS_TYPE, {"tooltip": "From MoA Subject node(s)."}),
@@ -53,7 +53,8 @@ class MoAApply:
             check_model_base(model, moa_adapter.config.base, getattr(moa_adapter, "name", None))
             check_text_encoder_base(clip, moa_adapter.config.base)
             check_image_encoder(clip_vision, moa_adapter.config.image_encoder, moa_adapter.config.image_dim)
-            conditioning, bindings = build_bindings(clip, clip_vision, moa_adapter.adapter.fusion, prompt, subjects)
+            conditioning, bindings = build_bindings(clip, clip_vision, moa_adapter.adapter.fusion, prompt, subjects,
+                                                    moa_adapter.config.base)
             patched = apply_moa(model, moa_adapter, bindings, strength=strength, start_percent=start_percent,
                                 end_percent=end_percent, hard_routing=routing == "hard")
         return (patched, conditioning)

@@ -120,7 +120,8 @@ def test_float32_round_trip_is_exact_with_metadata(io, adapters, tmp_path, exper
 
     meta = io.read_adapter_metadata(path)
     assert meta["moa.format"] == "comfyui-moa"
-    assert meta["moa.format_version"] == str(io.FORMAT_VERSION) == "1"
+    assert meta["moa.format_version"] == "1" and io.FORMAT_VERSION == 2     # SD1.5 files stay version 1
+    assert set(meta) == set(io.METADATA_KEYS) - {"moa.text_streams"}
     assert meta["moa.base"] == "sd15" and meta["moa.expert"] == expert
     assert json.loads(meta["moa.layers"])[1] == [ATTN2_PATH, "attn2", 32, 768, 32, 8]
     assert json.loads(meta["moa.training"]) == TRAINING
@@ -300,12 +301,11 @@ def _drop(key):
 
 BAD_METADATA = [
     ("future-version", _set("moa.format_version", "99"),
-     r"written in adapter format 99, this comfyui-moa reads up to 1\. Update comfyui-moa"),
+     r"written in adapter format 99, this comfyui-moa reads up to 2\. Update comfyui-moa"),
     ("version-not-a-number", _set("moa.format_version", "one"),
      r"unreadable format version 'one'\. Re-export the adapter with the MoA trainer"),
-    ("sdxl-base", _set("moa.base", "sdxl"),
-     r"made for SDXL \('sdxl'\): it needs SDXL support, which this version of comfyui-moa lacks \(it runs MoA on "
-     r"SD1\.5\)\. Update comfyui-moa \(ComfyUI Manager > Update\) to a version with SDXL support"),
+    ("sdxl-base-in-format-1", _set("moa.base", "sdxl"),
+     r"an SDXL adapter in format 1; SDXL adapters are format 2\. Re-export the adapter with the MoA trainer"),
     ("unknown-base", _set("moa.base", "sd35"),
      r"made for base model 'sd35', which this comfyui-moa does not know \(it knows 'sd15', 'sdxl'\)\. "
      r"Update comfyui-moa"),

@@ -67,7 +67,7 @@ def test_registry_holds_each_bases_widths_and_resolution(pack):
         {"l": 768, "g": 1280}, 2048, 2816)
     assert (bases.SD15.resolution, bases.SDXL.resolution) == (512, 1024)
     assert (bases.SDXL_REFINER.context_dim, bases.SDXL_REFINER.y_dim) == (1280, 2560)
-    assert [b.name for b in bases.KNOWN_MODELS if b.supported] == ["sd15"]
+    assert [b.name for b in bases.KNOWN_MODELS if b.supported] == ["sd15", "sdxl"]
     assert bases.base_of_unet(768, None) is bases.SD15
     assert bases.base_of_unet(2048, 2816) is bases.SDXL
     assert bases.base_of_unet(1280, 2560) is bases.SDXL_REFINER
@@ -110,16 +110,22 @@ def test_sd15_model_with_an_sdxl_adapter_is_refused_naming_both_bases(tiny_model
 def test_the_refiner_is_refused_by_name(refiner_model, clips, sd15_adapter, subjects):
     with pytest.raises(ValueError, match=r"^MoA Apply: model is SDXLRefiner, the SDXL refiner \(context 1280, y "
                                          r"2560\): MoA does not run on the refiner, only on a base model\. Load an "
-                                         r"SD1\.5 checkpoint$"):
+                                         r"SD1\.5 or SDXL checkpoint$"):
         apply(refiner_model, sd15_adapter, clips["sd15"], None, subjects)
 
 
-def test_the_trainer_refuses_an_sdxl_base(pack, sdxl_model):
-    """What load_sd15_checkpoint (the trainer's --base) checks."""
-    from comfyui_moa.moa_attention.comfyui.models import check_model_base
-    with pytest.raises(ValueError, match=r"model is SDXL, an SDXL \(context 2048, y 2816\) model, but MoA here "
-                                         r"runs on SD1\.5\. Load an SD1\.5 checkpoint"):
-        check_model_base(sdxl_model)
+def test_the_trainer_refuses_an_sdxl_base(pack, tiny_model, sdxl_model, refiner_model):
+    """What load_sd15_checkpoint (the trainer's --base) checks: MoA Apply runs SDXL adapters, the
+    trainer cannot make them yet, and says so."""
+    from comfyui_moa.moa_attention.comfyui.models import check_training_base
+    from comfyui_moa.moa_attention.engine import bases
+    with pytest.raises(ValueError, match=r"^model is SDXL, an SDXL \(context 2048, y 2816\) model: training SDXL "
+                                         r"adapters is not supported yet \(MoA Apply runs them\)\. Train on an "
+                                         r"SD1\.5 checkpoint$"):
+        check_training_base(sdxl_model)
+    with pytest.raises(ValueError, match=r"^model is SDXLRefiner, the SDXL refiner"):
+        check_training_base(refiner_model)
+    assert check_training_base(tiny_model) is bases.SD15
 
 
 # --------------------------------------------------------------------------- text encoders

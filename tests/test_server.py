@@ -118,7 +118,7 @@ def _bad(name):
         g["unet"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd2_unet.safetensors",
                                                           "weight_dtype": "default"}}
         g["apply"]["inputs"]["model"] = ["unet", 0]
-        return g, r"model is SD20 \(context_dim 1024\); MoA adapters run on SD1.5 models"
+        return g, r"model is SD20 \(context_dim 1024\); MoA adapters run on SD1\.5 or SDXL models"
     if name == "NaN strength":              # JSON allows NaN and ComfyUI's range check lets it through
         g["apply"]["inputs"]["strength"] = float("nan")
         return g, r"^MoA Apply: strength must be a number in \[0, 3.0\], got nan \(0 = the base model"

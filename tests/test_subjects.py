@@ -191,7 +191,7 @@ def test_clear_errors_for_wrong_encoder_model_and_subjects(comfy, pack, loaded, 
     sd2 = tiny_model.clone()
     sd2.model.model_config.unet_config = dict(sd2.model.model_config.unet_config, context_dim=1024)
     try:
-        with pytest.raises(ValueError, match=r"MoA adapters run on SD1.5 models"):
+        with pytest.raises(ValueError, match=r"MoA adapters run on SD1\.5 or SDXL models\. Load an SD1\.5 or SDXL checkpoint"):
             MoAApply().apply(sd2, ad, clip, clip_vision, subs, "a man", 1.0, 0.0, 1.0, "soft")
     finally:
         sd2.model.model_config.unet_config["context_dim"] = 768

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine.errors import ModelMismatchError, MoAInputError
-from .models import check_model_base
+from .models import check_training_base
 
 
 def require_file(path: Path, label: str) -> None:
@@ -15,14 +15,15 @@ def require_file(path: Path, label: str) -> None:
 
 
 def load_sd15_checkpoint(path: Path, label: str = "checkpoint") -> tuple:
-    """(MODEL, CLIP, VAE) of a full SD1.5 checkpoint, as Load Checkpoint gives them."""
+    """(MODEL, CLIP, VAE) of a full SD1.5 checkpoint, as Load Checkpoint gives them; the trainer's
+    --base, so any other base is refused (check_training_base)."""
     import comfy.sd
     require_file(path, label)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
     if clip is None:
         raise ModelMismatchError(f"{label} {path} has no text encoder: use a full SD1.5 checkpoint")
     try:
-        check_model_base(model)
+        check_training_base(model)
     except ModelMismatchError as e:
         raise ModelMismatchError(f"{label} {path}: {e}") from None
     return model, clip, vae

@@ -54,6 +54,17 @@ def check_model_base(model, base: str = SD15.name, adapter_name: str | None = No
     return found
 
 
+def check_training_base(model) -> Base:
+    """What the trainer accepts as --base: SD1.5 only for now. An SDXL model, which MoA Apply
+    runs, is refused by name rather than as "not SD1.5", so the user knows what is missing."""
+    found = model_base(model)
+    if found is not None and found is not SD15 and found.supported:
+        name, _ = _unet_config(model)
+        raise ModelMismatchError(f"model is {name}, an {found.describe()} model: training {found.label} adapters is "
+                                 f"not supported yet (MoA Apply runs them). Train on an {SD15.label} checkpoint")
+    return check_model_base(model, SD15.name)
+
+
 def text_streams(clip) -> dict[str, int]:
     """The text encoders inside a CLIP object by stream name ('l', 'g', ...) with their widths."""
     streams: dict[str, int] = {}

@@ -1,4 +1,5 @@
-"""The prompt through ComfyUI's SD1.5 CLIP: tokens, the class words' positions, the encoding.
+"""The prompt through ComfyUI's CLIP (SD1.5's clip_l, SDXL's clip_l + clip_g): tokens, the class
+words' positions, the encoding.
 
 Token binding itself is pure (engine.prompt_tokens); this module only follows ComfyUI's
 tokenizer API, so a ComfyUI change lands in one place."""
@@ -9,20 +10,29 @@ from functools import lru_cache
 
 import torch
 
-from ..engine.prompt_tokens import WordTokens, bind_subjects
-from .models import sd15_tokenizer
+from ..engine.bases import BASES, SD15
+from ..engine.prompt_tokens import WordTokens, bind_streams
+from .models import check_text_encoder_base
 
 
-def token_chunks(clip, text: str) -> tuple[dict, list[list[int]]]:
-    sd15_tokenizer(clip)
+def _tokenizer(clip, stream: str):
+    return getattr(clip.tokenizer, f"clip_{stream}")
+
+
+def _ids(chunks: list) -> list[list[int]]:
+    """Token ids per chunk; -1 for a textual-inversion embedding (a vector, not an id)."""
+    return [[int(t[0]) if not torch.is_tensor(t[0]) else -1 for t in chunk] for chunk in chunks]
+
+
+def token_chunks(clip, text: str, stream: str = "l") -> tuple[dict, list[list[int]]]:
+    """(ComfyUI's tokens of `text`, the ids of one stream's chunks)."""
     tokens = clip.tokenize(text)
-    chunks = [[int(t[0]) if not torch.is_tensor(t[0]) else -1 for t in chunk] for chunk in tokens["l"]]
-    return tokens, chunks
+    return tokens, _ids(tokens[stream])
 
 
-def word_tokens(clip, word: str) -> WordTokens:
-    tok = sd15_tokenizer(clip)
-    _, chunks = token_chunks(clip, word)
+def word_tokens(clip, word: str, stream: str = "l") -> WordTokens:
+    tok = _tokenizer(clip, stream)
+    _, chunks = token_chunks(clip, word, stream)
     ids = chunks[0][tok.tokens_start:]
     end = tok.end_token
     ids = ids[: ids.index(end)] if end in ids else ids
@@ -44,8 +54,8 @@ def sd15_word_ids(word: str) -> tuple[int, ...]:
     return tuple(ids[: ids.index(tok.end_token)] if tok.end_token in ids else ids)
 
 
-def describe(clip, chunks: list[list[int]]) -> str:
-    tok = sd15_tokenizer(clip)
+def describe(clip, chunks: list[list[int]], stream: str = "l") -> str:
+    tok = _tokenizer(clip, stream)
     special = {tok.start_token, tok.end_token, getattr(tok, "pad_token", None)}
     ids = [t for c in chunks for t in c if t not in special and t >= 0]   # -1: a textual-inversion embedding
     words = tok.tokenizer.convert_ids_to_tokens(ids)
@@ -60,13 +70,17 @@ class EncodedPrompt:
 
     @property
     def plain(self) -> torch.Tensor:
-        """[L, 768] the text-encoder output of the (first) conditioning entry."""
+        """[L, D] the text-encoder output of the (first) conditioning entry (D: 768, SDXL 2048)."""
         return self.conditioning[0][0][0]
 
 
-def encode_prompt(clip, text: str, class_words: list[str]) -> EncodedPrompt:
-    """Encode `text` exactly as CLIPTextEncode does and find each class word in it."""
-    tokens, chunks = token_chunks(clip, text)
-    words = [word_tokens(clip, w) for w in class_words]
-    positions = bind_subjects(chunks, words, describe_tokens=lambda c: describe(clip, c))
-    return EncodedPrompt(clip.encode_from_tokens_scheduled(tokens), positions, len(chunks))
+def encode_prompt(clip, text: str, class_words: list[str], base: str = SD15.name) -> EncodedPrompt:
+    """Encode `text` exactly as CLIPTextEncode does and find each class word in it, in every text
+    stream of `base` (refused when the CLIP is not `base`'s, or when its streams disagree)."""
+    check_text_encoder_base(clip, base)
+    streams = BASES[base].stream_names
+    tokens = clip.tokenize(text)
+    chunks = {s: _ids(tokens[s]) for s in streams}
+    words = {s: [word_tokens(clip, w, s) for w in class_words] for s in streams}
+    positions = bind_streams(chunks, words, describe_tokens=lambda s, c: describe(clip, c, s))
+    return EncodedPrompt(clip.encode_from_tokens_scheduled(tokens), positions, len(chunks[streams[0]]))

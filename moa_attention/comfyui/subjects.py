@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.bases import SD15
 from ..engine.errors import MoAInputError
 from ..engine.fusion import FusionMLP, fuse_prompt
 from ..engine.masks import resize_mask
@@ -148,13 +149,15 @@ def _fuse_all(fusion: FusionMLP, plain: torch.Tensor, positions: list[list[int]]
     return out[0] if k == 1 else torch.stack(out)
 
 
-def build_bindings(clip, clip_vision, fusion: FusionMLP, text: str,
-                   subjects: list[SubjectInput]) -> tuple[list, list[SubjectBinding]]:
-    """Encode `text` like CLIPTextEncode does and fuse the subjects into it.
+def build_bindings(clip, clip_vision, fusion: FusionMLP, text: str, subjects: list[SubjectInput],
+                   base: str = SD15.name) -> tuple[list, list[SubjectBinding]]:
+    """Encode `text` like CLIPTextEncode does and fuse the subjects into it. Only the
+    cross-attention tokens are fused: SDXL's pooled output and size conditioning stay the
+    plain prompt's, so uncond rows and pixels routed to the prior stay the base model's.
 
     Returns (the CONDITIONING the sampler must get, one binding per conditioning entry)."""
     regions = subject_regions(subjects)
-    prompt = encode_prompt(clip, text, [s.class_word for s in subjects])
+    prompt = encode_prompt(clip, text, [s.class_word for s in subjects], base)
     features = [subject_features(clip_vision, s) for s in subjects]
     k = sequence_length(features)
     latent_batch = morph_latent_batch(subjects)

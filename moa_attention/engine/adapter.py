@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .bases import BASES, SDXL
 from .errors import ModelMismatchError
 from .experts import PersonalExpert
 from .fusion import FusionMLP
@@ -40,6 +41,15 @@ def module_key(path: str) -> str:
     return path.replace(".", "__")
 
 
+def text_streams(config: AdapterConfig) -> tuple[int, ...]:
+    """The widths of the text encoders side by side in the adapter's tokens: its base's streams
+    (SDXL: 768 + 1280), or one stream of `text_dim` for a base model of another width."""
+    base = BASES.get(config.base)
+    if base is not None and base.context_dim == config.text_dim:
+        return tuple(width for _, width in base.text_streams)
+    return (config.text_dim,)
+
+
 class MoALayerWeights(nn.Module):
     def __init__(self, spec: LayerSpec, expert: str, rank: int) -> None:
         super().__init__()
@@ -55,7 +65,7 @@ class MoAAdapter(nn.Module):
         self.config = config
         self.layers = nn.ModuleDict({module_key(s.path): MoALayerWeights(s, config.expert, config.rank)
                                      for s in config.layers})
-        self.fusion = FusionMLP(config.text_dim, config.image_dim, config.fusion_hidden)
+        self.fusion = FusionMLP(config.text_dim, config.image_dim, config.fusion_hidden, text_streams(config))
 
     def layer(self, path: str) -> MoALayerWeights:
         return self.layers[module_key(path)]
@@ -66,10 +76,14 @@ def init_adapter_from_unet(diffusion_model: nn.Module, expert: str = "lowrank", 
     """A fresh adapter for this UNet: personal == prior, routers favour the prior by
     `router_margin` logits, fusion is the identity on the text. The trainer starts here; tests
     use it as the exactness anchor (personal == prior makes the output the base model's at any
-    margin)."""
+    margin). A UNet with SDXL's cross-attention width gets an SDXL adapter unless `config` names
+    another base."""
     specs = find_attention_layers(diffusion_model)
     if not specs:
-        raise ModelMismatchError("this model has no attention layers with to_q/to_k/to_v/to_out: not an SD1.5 UNet")
+        raise ModelMismatchError("this model has no attention layers with to_q/to_k/to_v/to_out: not an SD1.5 "
+                                 "or SDXL UNet")
+    if "base" not in config and {s.context_dim for s in specs if s.kind == "attn2"} == {SDXL.context_dim}:
+        config = {"base": SDXL.name, "text_dim": SDXL.context_dim, "fusion_hidden": SDXL.context_dim, **config}
     adapter = MoAAdapter(AdapterConfig(layers=specs, expert=expert, rank=rank, **config))
     gen = torch.Generator().manual_seed(seed)
     for spec in specs:

@@ -33,11 +33,15 @@ from .files import atomic_write
 from .unet_layers import LayerSpec
 
 FORMAT_NAME = "comfyui-moa"
-FORMAT_VERSION = 1
+#: the newest format this pack reads
+FORMAT_VERSION = 2
+#: the format each base's files are written in: SD1.5 files stay version 1 (every release reads
+#: them); SDXL files are version 2, so a pack without SDXL support asks for an update
+BASE_FORMAT_VERSION = {"sd15": 1, "sdxl": 2}
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 METADATA_KEYS = ("moa.format", "moa.format_version", "moa.base", "moa.expert", "moa.rank",
                  "moa.image_encoder", "moa.image_dim", "moa.text_dim", "moa.fusion_hidden",
-                 "moa.layers", "moa.training")
+                 "moa.layers", "moa.training", "moa.text_streams")
 
 
 def _module_to_file_key(key: str) -> str:
@@ -55,9 +59,14 @@ def file_state_dict(adapter: MoAAdapter) -> dict[str, torch.Tensor]:
 
 
 def metadata_of(config: AdapterConfig) -> dict[str, str]:
+    """The header; "moa.text_streams" (the text encoders side by side in `text_dim`, which the
+    fusion normalises one by one) only from format 2 on, so SD1.5 headers stay as they were."""
+    version = BASE_FORMAT_VERSION.get(config.base, FORMAT_VERSION)
+    streams = {"moa.text_streams": json.dumps([[n, w] for n, w in BASES[config.base].text_streams])} \
+        if version >= 2 and config.base in BASES else {}
     return {
         "moa.format": FORMAT_NAME,
-        "moa.format_version": str(FORMAT_VERSION),
+        "moa.format_version": str(version),
         "moa.base": config.base,
         "moa.expert": config.expert,
         "moa.rank": str(config.rank if config.expert == "lowrank" else 0),
@@ -67,6 +76,7 @@ def metadata_of(config: AdapterConfig) -> dict[str, str]:
         "moa.fusion_hidden": str(config.fusion_hidden),
         "moa.layers": json.dumps([s.as_list() for s in config.layers]),
         "moa.training": json.dumps(config.training, sort_keys=True),
+        **streams,
     }
 
 
@@ -103,6 +113,7 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
         raise _fail(path, f"written in adapter format {version}, this comfyui-moa reads up to {FORMAT_VERSION}",
                     "Update comfyui-moa (ComfyUI Manager > Update) to load it")
     base = _base_of(path, meta.get("moa.base", ""))
+    _check_base_format(path, meta, base, version)
     try:
         layers = [LayerSpec.from_list(r) for r in json.loads(meta["moa.layers"])]
         config = AdapterConfig(
@@ -125,6 +136,25 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
                           f"(an adapter of another base model?)",
                     f"Use an adapter trained on an {base.label} checkpoint")
     return config
+
+
+def _check_base_format(path: Path, meta: dict[str, str], base: Base, version: int) -> None:
+    """An SDXL file is format 2 with its text streams in the header; anything else was not
+    written by the MoA trainer."""
+    needed = BASE_FORMAT_VERSION.get(base.name, FORMAT_VERSION)
+    if version < needed:
+        raise _fail(path, f"an {base.label} adapter in format {version}; {base.label} adapters are format {needed}",
+                    "Re-export the adapter with the MoA trainer")
+    if version < 2:
+        return
+    expected = [[n, w] for n, w in base.text_streams]
+    try:
+        streams = json.loads(meta.get("moa.text_streams", "null"))
+    except ValueError:
+        streams = meta.get("moa.text_streams")
+    if streams != expected:
+        raise _fail(path, f"text streams {streams} in its header, {base.label} has {expected}",
+                    "Re-export the adapter with the MoA trainer")
 
 
 def _base_of(path: Path, name: str) -> Base:
@@ -233,7 +263,7 @@ def check_adapter_fits(adapter: MoAAdapter, model_layers: list[LayerSpec], adapt
         detail.append(f"{len(only_model)} model layer(s) the adapter lacks, e.g. {only_model[0]}")
     raise AdapterFileError(
         f"MoA adapter '{adapter_name}' does not fit {model_name}: " + "; ".join(detail)
-        + ". Use an adapter trained on this base model (SD1.5 adapters need an SD1.5 checkpoint).")
+        + ". Use an adapter trained on this base model (SD1.5 adapters need an SD1.5 checkpoint, SDXL adapters an SDXL one).")
 
 
 __all__ = ["AdapterFileError", "FORMAT_VERSION", "check_adapter_fits", "load_adapter", "read_adapter_metadata",

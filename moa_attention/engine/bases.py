@@ -36,7 +36,7 @@ class Base:
 
 
 SD15 = Base("sd15", "SD1.5", (("l", 768),), None, 512, True)
-SDXL = Base("sdxl", "SDXL", (("l", 768), ("g", 1280)), 2816, 1024, False)
+SDXL = Base("sdxl", "SDXL", (("l", 768), ("g", 1280)), 2816, 1024, True)
 #: a separate model of its own: refused by name wherever a base would be accepted
 SDXL_REFINER = Base("sdxl_refiner", "SDXL refiner", (("g", 1280),), 2560, 1024, False)
 
@@ -47,7 +47,7 @@ KNOWN_MODELS: tuple[Base, ...] = (SD15, SDXL, SDXL_REFINER)
 
 
 def supported_labels() -> str:
-    """'SD1.5' today; what the messages tell users to load instead."""
+    """'SD1.5 or SDXL': what the messages tell users to load instead."""
     return " or ".join(b.label for b in BASES.values() if b.supported)
 
 

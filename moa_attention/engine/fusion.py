@@ -14,12 +14,20 @@ class FusionMLP(nn.Module):
 
     The residual form with a zero-initialised fc2 makes a fresh adapter return the text
     embedding unchanged, so an untrained adapter cannot move the picture.
+
+    `streams`: the widths of the text encoders whose outputs sit side by side in a token (SD1.5:
+    768; SDXL: 768 + 1280). Each slice is normalised on its own, because the two SDXL encoders'
+    outputs live on very different scales; `norm` holds one weight and bias per channel either way.
     """
 
-    def __init__(self, text_dim: int = 768, image_dim: int = 768, hidden_dim: int | None = None) -> None:
+    def __init__(self, text_dim: int = 768, image_dim: int = 768, hidden_dim: int | None = None,
+                 streams: tuple[int, ...] | None = None) -> None:
         super().__init__()
         hidden_dim = hidden_dim or text_dim
-        self.text_dim, self.image_dim, self.hidden_dim = text_dim, image_dim, hidden_dim
+        streams = tuple(streams or (text_dim,))
+        if sum(streams) != text_dim:
+            raise ValueError(f"text streams {streams} do not add up to the text width {text_dim}")
+        self.text_dim, self.image_dim, self.hidden_dim, self.streams = text_dim, image_dim, hidden_dim, streams
         self.norm = nn.LayerNorm(text_dim)
         self.fc1 = nn.Linear(text_dim + image_dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, text_dim)
@@ -32,11 +40,18 @@ class FusionMLP(nn.Module):
         self.fc2.weight.zero_()
         self.fc2.bias.zero_()
 
+    def normalise(self, text: torch.Tensor) -> torch.Tensor:
+        """LayerNorm of each text stream's slice of the token (the whole token for SD1.5)."""
+        weight, bias = self.norm.weight.to(text), self.norm.bias.to(text)
+        if len(self.streams) == 1:
+            return F.layer_norm(text, (self.text_dim,), weight, bias)
+        parts = zip(text.split(self.streams, dim=-1), weight.split(self.streams), bias.split(self.streams))
+        return torch.cat([F.layer_norm(t, (t.shape[-1],), w, b) for t, w, b in parts], dim=-1)
+
     def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """text [..., T], image [..., I] (broadcast over the token axis) -> [..., T]."""
         image = image.to(text.dtype).expand(*text.shape[:-1], image.shape[-1])
-        normed = F.layer_norm(text, (self.text_dim,), self.norm.weight.to(text), self.norm.bias.to(text))
-        h = F.gelu(linear(torch.cat([normed, image], dim=-1), self.fc1))
+        h = F.gelu(linear(torch.cat([self.normalise(text), image], dim=-1), self.fc1))
         return text + linear(h, self.fc2)
 
 

@@ -1,6 +1,7 @@
 """Find each subject's class word among the prompt's CLIP tokens.
 
-Works on token ids as ComfyUI's SD1.5 tokenizer produces them: a list of 77-token chunks
+Works on token ids as ComfyUI's CLIP tokenizers produce them (SD1.5's clip_l; SDXL's clip_l and
+clip_g, one list each, bound together by bind_streams): a list of 77-token chunks
 (start token, up to 75 prompt tokens, end/padding), so a prompt longer than 77 tokens and
 prompt weighting like "(man:1.2)" (which changes weights, not ids) need no special case.
 A position is an index into the flattened chunks, i.e. the row of the encoded prompt.
@@ -52,3 +53,32 @@ def bind_subjects(chunks: list[list[int]], words: list[WordTokens],
         used[word.ids] = k + 1
         bound.append(found[k])
     return bound
+
+
+def bind_streams(chunks: dict[str, list[list[int]]], words: dict[str, list[WordTokens]],
+                 describe_tokens=None) -> list[list[int]]:
+    """Positions for each subject in a prompt tokenized once per text encoder (SDXL: 'l' and 'g').
+
+    The encoders' outputs sit side by side in each row, so a class word must be at the same rows
+    in every stream; an embedding known to one encoder only shifts the other's tokens, and the
+    fused token would then mix one word with another. `describe_tokens(stream, chunks)` shows a
+    stream's tokens in the messages."""
+    bound: dict[str, list[list[int]]] = {}
+    for stream, stream_chunks in chunks.items():
+        show = (lambda c, s=stream: describe_tokens(s, c)) if describe_tokens else None
+        bound[stream] = bind_subjects(stream_chunks, words[stream], describe_tokens=show)
+    first, *others = bound
+    lengths = {stream: len(flatten(c)) for stream, c in chunks.items()}
+    for other in others:
+        disagree = [i for i, (a, b) in enumerate(zip(bound[first], bound[other])) if a != b]
+        if disagree or lengths[first] != lengths[other]:
+            i = disagree[0] if disagree else 0
+            word = words[first][i].word if words[first] else ""
+            where = (f"the class word '{word}' is at rows {bound[first][i]} of clip_{first} but rows "
+                     f"{bound[other][i]} of clip_{other}") if disagree else (
+                f"clip_{first} has {lengths[first]} tokens but clip_{other} has {lengths[other]}")
+            raise ClassWordError(
+                f"the prompt's text encoders disagree: {where}. An embedding (embedding:name) made for one of "
+                f"them only shifts the other's tokens; use an embedding with weights for both (clip_{first} and "
+                f"clip_{other}) or remove it from the prompt")
+    return bound[first]
