@@ -4,7 +4,8 @@
 One process builds the SD1.5 UNet architecture (859.5M params, random weights, fp32) with
 ComfyUI's own classes, then samples 1 step (cfg > 1, so cond + uncond run as one batch-2 UNet
 call) on each configuration (unpatched, soft/<expert>, hard/<expert>: see unet.py),
-interleaved, `--repeats` times.
+interleaved, `--repeats` times; with --sparse-threshold also sparse/<expert> (sparse soft routing),
+and with --router-share-profile toy the soft routers' shares spread as a trained router's.
 
 Reported per configuration: UNet seconds per step (the APPLY_MODEL call, MoA's wrapper
 included), the ratio vs unpatched (median of the per-repeat ratios, with their min-max), the
@@ -15,6 +16,7 @@ extra time goes (router, expert, mix), from torch.profiler regions (timing.py).
     .venv/bin/python bench/bench_moa.py --quick            # tiny UNet, seconds
     .venv/bin/python bench/bench_moa.py                    # full SD1.5, lowrank r64, minutes on a CPU
     .venv/bin/python bench/bench_moa.py --expert both      # + full experts
+    .venv/bin/python bench/bench_moa.py --sparse-threshold 0.05 --router-share-profile toy
 
 Results and how to read them: bench/README.md.
 """
@@ -44,6 +46,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--expert", choices=("lowrank", "full", "both"), default="lowrank")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--personal-fraction", type=float, default=0.3, help="share of the image routed to the expert (hard)")
+    ap.add_argument("--sparse-threshold", type=float, default=0.0,
+                    help="also time sparse soft routing (sparse/<expert>) with this threshold; 0 = not timed")
+    ap.add_argument("--router-share-profile", choices=("uniform", "toy"), default="uniform",
+                    help="soft/sparse routers' shares: ~1 on every pixel (uniform), or distributed as a trained "
+                         "toy-world router's (toy: > 0.001 on 86%%, > 0.01 on 54%%, > 0.05 on 32%% of pixels)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--warmup", choices=("all", "one", "none"), default="one",
                     help="untimed warm-up steps: every configuration, the unpatched one only (default), or none")
@@ -54,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     args.size = args.size or (128 if args.quick else 512)
     if args.size % 8:
         ap.error("--size must be a multiple of 8")
+    if not 0.0 <= args.sparse_threshold <= 0.5:
+        ap.error("--sparse-threshold must be in [0, 0.5] (0 = no sparse configuration)")
     return args
 
 
@@ -76,7 +85,8 @@ class Bench:
         dm = base.get_model_object("diffusion_model")
         print(f"  {sum(p.numel() for p in dm.parameters()) / 1e6:.1f}M params in {time.perf_counter() - t0:.1f} s",
               flush=True)
-        self.cond = make_conditioning(self.latent, args.personal_fraction)
+        self.cond = make_conditioning(self.latent, args.personal_fraction, args.router_share_profile)
+        print_share_profile(self.cond.soft_region, args.sparse_threshold)
         adapters, self.adapter_sizes = {}, {}
         for ex in (["lowrank", "full"] if args.expert == "both" else [args.expert]):
             r0 = rss_after_trim()
@@ -87,7 +97,7 @@ class Bench:
             print(f"  adapter {ex}{f' r{args.rank}' if ex == 'lowrank' else ''}: {n / 1e6:.2f}M params, "
                   f"{human(self.adapter_sizes[ex])} (RSS grew {human(grew)} building it)", flush=True)
         self.instruments = StepInstruments()
-        self.configs = build_configs(base, adapters, self.cond, self.instruments)
+        self.configs = build_configs(base, adapters, self.cond, self.instruments, args.sparse_threshold)
         self.latent_in = {"samples": torch.zeros(1, 4, self.latent, self.latent)}
 
     def run_step(self, name: str, track: bool = False) -> dict:
@@ -100,9 +110,10 @@ class Bench:
         # the server samples under inference_mode; the profiler's parsing stays outside the RSS measure
         with profiled() as prof, self.rss.measure(out), torch.inference_mode(), tracker:
             t = time.perf_counter()
-            self.nodes.common_ksampler(self.configs[name], 42, self.args.steps, 7.0, "euler", "normal",
-                                       self.cond.positive, self.cond.negative, self.latent_in)
+            (latent,) = self.nodes.common_ksampler(self.configs[name], 42, self.args.steps, 7.0, "euler", "normal",
+                                                   self.cond.positive, self.cond.negative, self.latent_in)
             out["wall"] = time.perf_counter() - t
+        out["samples"] = latent["samples"]
         calls = list(self.instruments.calls)
         out.update(tensor_peak=tracker.peak if track else None, calls=calls, regions=prof.regions, events=prof.n_events,
                    unet=sum(c["s"] for c in calls), unet_cpu=sum(c["cpu"] for c in calls),
@@ -115,9 +126,34 @@ class Bench:
         return out
 
 
+def print_share_profile(soft_region, threshold: float) -> None:
+    """The soft/sparse routers' share distribution over the latent's pixels (the region times a
+    router share of ~1; every UNet level sees the same cells)."""
+    if soft_region is None:
+        print("  router share profile: uniform (share ~1 on every pixel: sparse routing skips nothing)", flush=True)
+        return
+    above = [(t, float((soft_region > t).float().mean())) for t in sorted({0.001, 0.01, 0.05, threshold} - {0.0})]
+    print("  router share profile: toy, share > " + ", > ".join(f"{t:g} on {100 * f:.1f}%" for t, f in above)
+          + f" of the pixels; mean {float(soft_region.mean()):.3f}", flush=True)
+
+
+def print_sparse_difference(results: dict[str, list[dict]]) -> None:
+    """How far sparse soft routing's sampled latent is from dense soft's (same seed, last repeat),
+    beside how far dense soft is from the unpatched model's."""
+    for name in results:
+        kind, _, ex = name.partition("/")
+        if kind != "sparse":
+            continue
+        sparse, dense = results[name][-1]["samples"], results[f"soft/{ex}"][-1]["samples"]
+        base = results["unpatched"][-1]["samples"]
+        print(f"\n{name} vs soft/{ex}: sampled latent max |diff| {float((sparse - dense).abs().max()):.3g}, mean "
+              f"{float((sparse - dense).abs().mean()):.3g} (soft/{ex} vs unpatched: max "
+              f"{float((dense - base).abs().max()):.3g}, mean {float((dense - base).abs().mean()):.3g})")
+
+
 def log_line(prefix: str, name: str, r: dict) -> str:
     batches = sorted({c["batch"] for c in r["calls"]})
-    return (f"  {prefix} {name:13s} unet {r['unet']:7.2f} s  cpu {r['unet_cpu']:7.2f} s  wall {r['wall']:7.2f} s  "
+    return (f"  {prefix} {name:14s} unet {r['unet']:7.2f} s  cpu {r['unet_cpu']:7.2f} s  wall {r['wall']:7.2f} s  "
             f"load {r['load']:.2f}  calls {len(r['calls'])} batch {batches}  profiled ops {r['events']}  "
             f"peak +{human(r['rss_peak'] - r['rss_before'])}")
 
@@ -150,13 +186,14 @@ def main() -> int:
         for name in names:
             runs = results[name] if args.memory == "inline" else [bench.run_step(name, track=True)]
             tensor_peaks[name] = max(r["tensor_peak"] for r in runs)
-            print(f"  memory {name:13s} tensor high-water {human(tensor_peaks[name])}"
+            print(f"  memory {name:14s} tensor high-water {human(tensor_peaks[name])}"
                   + (f" (untimed step, {runs[0]['unet']:.2f} s with the hook)" if args.memory == "separate" else ""),
                   flush=True)
 
     report.print_intro(results, args.steps, tensor_peaks, bench.rss.exact)
     report.print_table(results, tensor_peaks, bench.adapter_sizes)
     report.print_breakdown(results)
+    print_sparse_difference(results)
     print(f"\nload avg after: {os.getloadavg()[0]:.2f}; process peak RSS "
           f"{human(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}; "
           f"total time {time.perf_counter() - t_start:.0f} s")

@@ -3,11 +3,16 @@ fp32) and, from it, the configurations
 
     unpatched            the plain model
     soft/<expert>        MoA, soft routing, no region: every pixel of the cond row is mixed
+    sparse/<expert>      (with --sparse-threshold) MoA, sparse soft routing: the expert runs only
+                         for the pixels whose share is above the threshold
     hard/<expert>        MoA, hard routing, a region mask over ~30% of the image and the router
                          forced to "personal" inside it: the expert runs for those pixels only
 
 The positive conditioning is exactly the binding's `plain` tensor, so MoA's DIFFUSION_MODEL
-wrapper personalizes the cond row (the uncond row always stays prior-only).
+wrapper personalizes the cond row (the uncond row always stays prior-only). With
+--router-share-profile toy, the soft and sparse configurations get a soft region whose values
+follow a measured router's share distribution (see share_profile_mask), so the routers' shares
+(~1 times the region) are distributed as that router's.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from support.runtime import import_comfy as _import_comfy  # noqa: E402
 from support.runtime import import_pack  # noqa: E402,F401  (re-exported for bench_moa)
 
 __all__ = ["COMFY_DIR", "ComfyUIMissing", "import_comfy", "import_pack", "unet_config", "make_adapter", "adapter_bytes",
-           "region_mask", "Conditioning", "make_conditioning", "build_configs"]
+           "region_mask", "TOY_SHARE_PROFILE", "share_profile_mask", "Conditioning", "make_conditioning", "build_configs"]
 
 
 def import_comfy():
@@ -87,6 +92,28 @@ def region_mask(latent: int, fraction: float):
     return m
 
 
+#: A trained router's share distribution (the toy world's adapter sampled through ComfyUI, over
+#: pixels, layers and steps): (share, fraction of pixels above it), from the largest fraction down
+TOY_SHARE_PROFILE = ((0.001, 0.86), (0.01, 0.54), (0.05, 0.32))
+
+
+def share_profile_mask(latent: int, profile=TOY_SHARE_PROFILE, seed: int = 0):
+    """[H, W] latent-space soft region on an 8 x 8 grid of cells (so every UNet level sees the same
+    values, as region_mask), the cells' values spread so that the fraction of cells above each
+    share of `profile` is that share's fraction: log-linear between the profile's points, 1e-4
+    below the lowest and up to 1.0 for the most personalized cells; cells shuffled with `seed`."""
+    import numpy as np
+    import torch
+    exceed = (np.arange(64) + 0.5) / 64                         # fraction of cells above cell k's value
+    points = sorted([(0.0, 1.0), *((f, v) for v, f in profile), (1.0, 1e-4)])
+    values = 10 ** np.interp(exceed, [f for f, _ in points], [np.log10(v) for _, v in points])
+    cells = torch.tensor(values, dtype=torch.float32)[torch.randperm(64, generator=torch.Generator().manual_seed(seed))]
+    u = max(latent // 8, 1)
+    m = cells.reshape(8, 8).repeat_interleave(u, 0).repeat_interleave(u, 1)
+    return torch.nn.functional.pad(m, (0, max(latent - m.shape[1], 0), 0, max(latent - m.shape[0], 0)),
+                                   value=float(values[-1]))[:latent, :latent]
+
+
 @dataclass
 class Conditioning:
     plain: object           # [77, 768] what the sampler's positive prompt is
@@ -94,22 +121,27 @@ class Conditioning:
     positive: list          # ComfyUI CONDITIONING
     negative: list
     region: object          # [latent, latent] hard routing's region
+    soft_region: object = None  # [latent, latent] soft/sparse routing's share profile; None = share ~1 everywhere
 
 
-def make_conditioning(latent: int, personal_fraction: float) -> Conditioning:
-    """Positive == binding.plain exactly (so MoA matches the cond row); negative another prompt."""
+def make_conditioning(latent: int, personal_fraction: float, share_profile: str = "uniform") -> Conditioning:
+    """Positive == binding.plain exactly (so MoA matches the cond row); negative another prompt;
+    share_profile "toy" gives soft routing TOY_SHARE_PROFILE's shares, "uniform" none."""
     import torch
     g = torch.Generator().manual_seed(123)
     plain = torch.randn(77, 768, generator=g)
     fused = plain.clone()
     fused[5:7] += torch.randn(2, 768, generator=g)
     negative = [[torch.randn(1, 77, 768, generator=g), {}]]
-    return Conditioning(plain, fused, [[plain[None].clone(), {}]], negative, region_mask(latent, personal_fraction))
+    soft_region = share_profile_mask(latent) if share_profile == "toy" else None
+    return Conditioning(plain, fused, [[plain[None].clone(), {}]], negative, region_mask(latent, personal_fraction),
+                        soft_region)
 
 
-def build_configs(base, adapters: dict, cond: Conditioning, instruments) -> dict:
-    """name -> ModelPatcher: `unpatched`, then soft/<expert> and hard/<expert> per adapter, each
-    a clone of `base` carrying the bench's instruments (see timing.StepInstruments)."""
+def build_configs(base, adapters: dict, cond: Conditioning, instruments, sparse_threshold: float = 0.0) -> dict:
+    """name -> ModelPatcher: `unpatched`, then soft/<expert>, sparse/<expert> (sparse_threshold > 0)
+    and hard/<expert> per adapter, each a clone of `base` carrying the bench's instruments (see
+    timing.StepInstruments)."""
     from comfyui_moa.moa_attention.comfyui.adapters import LoadedAdapter
     from comfyui_moa.moa_attention.comfyui.batch import SubjectBinding
     from comfyui_moa.moa_attention.comfyui.patch import apply_moa
@@ -117,7 +149,10 @@ def build_configs(base, adapters: dict, cond: Conditioning, instruments) -> dict
     configs = {"unpatched": base.clone()}
     for ex, adapter in adapters.items():
         loaded = LoadedAdapter(adapter, f"bench-{ex}")
-        configs[f"soft/{ex}"] = apply_moa(base, loaded, [SubjectBinding(cond.plain, cond.fused)])
+        soft = [SubjectBinding(cond.plain, cond.fused, cond.soft_region)]
+        configs[f"soft/{ex}"] = apply_moa(base, loaded, soft)
+        if sparse_threshold > 0:
+            configs[f"sparse/{ex}"] = apply_moa(base, loaded, soft, sparse_threshold=sparse_threshold)
         configs[f"hard/{ex}"] = apply_moa(base, loaded, [SubjectBinding(cond.plain, cond.fused, cond.region)],
                                           hard_routing=True)
     for model in configs.values():

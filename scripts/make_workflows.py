@@ -71,7 +71,8 @@ def apply_and_sample(nodes: dict, links: list, prompt: str, subjects_from: str, 
                      prompt_from: str | None = None, seed_from: str | None = None, sampler: str = "sampler",
                      prefix: str = "MoA/result", save: bool = True) -> None:
     nodes["apply"] = dict(type="MoAApply", col=col, size=[400, 290], widgets={
-        "prompt": prompt, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "routing": "soft"})
+        "prompt": prompt, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "routing": "soft",
+        "sparse_threshold": 0.0})
     nodes["negative"] = dict(type="CLIPTextEncode", col=col, title="Negative prompt", size=[400, 110],
                              widgets={"text": NEGATIVE})
     nodes["latent"] = dict(type="EmptyLatentImage", col=col, widgets={"width": 512, "height": 512, "batch_size": 1})
@@ -202,7 +203,8 @@ def subject_swap():
     subject(nodes, links, "subject", "New subject", "subject.png", "subject_mask.png", "man", col=2,
             region="photo_subject_region.png")
     nodes["apply"] = dict(type="MoAApply", col=3, size=[400, 290], widgets={
-        "prompt": photo_prompt, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "routing": "soft"})
+        "prompt": photo_prompt, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "routing": "soft",
+        "sparse_threshold": 0.0})
     nodes["sampler"] = dict(type="KSamplerAdvanced", col=3, title="KSampler (Advanced): regenerate from the noise",
                             widgets={"add_noise": "disable", "noise_seed": 0, "control_after_generate": "fixed",
                                      "steps": 50, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",

@@ -111,6 +111,8 @@ def test_schedule_window_outside_the_run_is_the_base_model(comfy, engine, tiny_m
     ({"end_percent": float("nan")}, r"^end_percent must be a number in \[0, 1\], got nan$"),
     ({"start_percent": -0.1}, r"^start_percent must be a number in \[0, 1\], got -0.1$"),
     ({"start_percent": 0.6, "end_percent": 0.4}, r"^start_percent \(0.6\) is after end_percent \(0.4\)\. Make "),
+    ({"sparse_threshold": float("nan")}, r"^sparse_threshold must be a number in \[0, 0.5\], got nan \(0 = off"),
+    ({"sparse_threshold": 0.6}, r"^sparse_threshold must be a number in \[0, 0.5\], got 0.6 "),
 ])
 def test_apply_moa_refuses_bad_knobs_and_leaves_the_model_alone(engine, tiny_model, knobs, message):
     """apply_moa is where strength and the schedule are checked (MoA Apply relies on it): NaN,
@@ -122,6 +124,37 @@ def test_apply_moa_refuses_bad_knobs_and_leaves_the_model_alone(engine, tiny_mod
     with pytest.raises(MoAInputError, match=message):
         engine[2].apply_moa(tiny_model, ad, bind(engine, plain), **knobs)
     assert tiny_model.object_patches == patches and tiny_model.get_attachment("moa") is None
+
+
+def test_sparse_soft_routing_through_the_sampler(comfy, engine, tiny_model):
+    """sparse_threshold 0 is dense soft routing bit for bit; where the shares are 0 or 1 (a region
+    and a router forced to the expert) sparse soft samples dense soft's latent to float rounding;
+    strength 0 and a fresh adapter stay the base model bit for bit with it on."""
+    plain, pos, neg = conds()
+    base = sample(comfy, tiny_model, pos, neg)
+    apply_moa = engine[2].apply_moa
+    ad = trained_looking_adapter(engine, tiny_model)
+    dense = sample(comfy, apply_moa(tiny_model, ad, bind(engine, plain)), pos, neg)
+    assert torch.equal(sample(comfy, apply_moa(tiny_model, ad, bind(engine, plain), sparse_threshold=0.0), pos, neg),
+                       dense)
+    region = torch.zeros(16, 16)
+    region[:, :8] = 1.0
+    regional = bind(engine, plain, region=region)
+    dense_model = apply_moa(tiny_model, ad, regional)
+    dense_region = sample(comfy, dense_model, pos, neg)
+    sparse = apply_moa(tiny_model, ad, regional, sparse_threshold=0.05)
+    sparse_region = sample(comfy, sparse, pos, neg)
+    assert (dense_region - base).abs().max() > 1e-2
+    torch.testing.assert_close(sparse_region, dense_region, rtol=1e-4, atol=1e-4)
+    maps = sparse.get_attachment("moa").recorder.average()
+    assert torch.equal(maps, dense_model.get_attachment("moa").recorder.average())   # nothing skipped
+    assert maps[0, :, :6].min() == pytest.approx(1.0) and maps[0, :, 10:].max() == 0.0
+    zero = apply_moa(tiny_model, ad, bind(engine, plain), strength=0.0, sparse_threshold=0.05)
+    assert torch.equal(sample(comfy, zero, pos, neg), base)
+    fresh = fresh_adapter(engine, tiny_model)
+    for threshold in (0.01, 0.05):       # a fresh router's ~0.018: every pixel computed, then none
+        assert torch.equal(sample(comfy, apply_moa(tiny_model, fresh, bind(engine, plain), sparse_threshold=threshold),
+                                  pos, neg), base)
 
 
 def test_unmatched_prompt_runs_the_prior_and_warns(comfy, engine, tiny_model, caplog):

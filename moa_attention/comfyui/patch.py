@@ -34,6 +34,9 @@ KEY = "moa"
 #: cap of the strength knob: at 3 a pixel the router gave 25% to the subject gets 50% (3s / (1 + 2s));
 #: far beyond it the knob would just overrule the router everywhere it gave the subject anything
 MAX_STRENGTH = 3.0
+#: cap of the sparse soft routing bound: above it pixels the router gives a real part of the picture
+#: would lose the subject (a skipped pixel changes by up to its share times personal - prior)
+MAX_SPARSE_THRESHOLD = 0.5
 
 
 def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, transformer_options=None):
@@ -122,7 +125,7 @@ def model_attention_layers(model) -> list[LayerSpec]:
     return find_attention_layers(model.get_model_object("diffusion_model"))
 
 
-def check_settings(strength: float, start_percent: float, end_percent: float) -> None:
+def check_settings(strength: float, start_percent: float, end_percent: float, sparse_threshold: float = 0.0) -> None:
     """MoA Apply's knobs, checked here once for the node and the Python API. NaN is refused too:
     JSON carries it and ComfyUI's min/max check lets it through."""
     if not 0.0 <= strength <= MAX_STRENGTH:
@@ -134,15 +137,21 @@ def check_settings(strength: float, start_percent: float, end_percent: float) ->
     if start_percent > end_percent:
         raise MoAInputError(f"start_percent ({start_percent}) is after end_percent ({end_percent}). Make "
                             f"start_percent the smaller one")
+    if not 0.0 <= sparse_threshold <= MAX_SPARSE_THRESHOLD:
+        raise MoAInputError(f"sparse_threshold must be a number in [0, {MAX_SPARSE_THRESHOLD}], got "
+                            f"{sparse_threshold} (0 = off: every pixel mixed by its share)")
 
 
 def apply_moa(model, adapter: MoAAdapter | LoadedAdapter, bindings: list[SubjectBinding], *,
               strength: float = 1.0, start_percent: float = 0.0, end_percent: float = 1.0,
-              hard_routing: bool = False):
-    """Return a clone of `model` (a ComfyUI ModelPatcher) with MoA installed; `model` is untouched."""
+              hard_routing: bool = False, sparse_threshold: float = 0.0):
+    """Return a clone of `model` (a ComfyUI ModelPatcher) with MoA installed; `model` is untouched.
+
+    sparse_threshold (soft routing): pixels whose personalized share is at most this skip the
+    personalized expert and keep the base model's output; 0 = off."""
     from comfy.patcher_extension import WrappersMP
 
-    check_settings(strength, start_percent, end_percent)
+    check_settings(strength, start_percent, end_percent, sparse_threshold)
     loaded = as_loaded(adapter)
     specs = model_attention_layers(model)
     check_adapter_fits(loaded.adapter, specs, loaded.name)
@@ -153,7 +162,7 @@ def apply_moa(model, adapter: MoAAdapter | LoadedAdapter, bindings: list[Subject
         m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
         m.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)
     sampling = m.get_model_object("model_sampling")
-    settings = MoASettings(strength=float(strength), hard=bool(hard_routing),
+    settings = MoASettings(strength=float(strength), hard=bool(hard_routing), sparse_threshold=float(sparse_threshold),
                            sigma_start=float(sampling.percent_to_sigma(start_percent)),
                            sigma_end=float(sampling.percent_to_sigma(end_percent)))
     controller = MoAController(loaded, bindings, settings)

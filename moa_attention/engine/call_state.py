@@ -25,6 +25,9 @@ class MoASettings:
     sigma_start: float = float("inf")       # personalize while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
     hard: bool = False
+    # soft routing only: pixels whose personalized share is at most this skip the expert and take
+    # the prior's output exactly (0 = dense soft routing, every pixel mixed)
+    sparse_threshold: float = 0.0
 
     def active_at(self, sigma: float) -> bool:
         return self.strength > 0.0 and self.sigma_end <= sigma <= self.sigma_start

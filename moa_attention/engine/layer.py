@@ -186,6 +186,8 @@ class MoAAttention(nn.Module):
             context: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         """Soft routing: the personalized branch for the rows that carry a subject, blended in
         per pixel by the router's share. `prior` is the prior's (attention, to_out) output."""
+        if state.settings.sparse_threshold > 0:
+            return self.sparse_mix(x, q, k, v, prior[1], state, transformer_options, context, value)
         rows = state.rows
         prior_attn, prior_out = prior
         prior_r = prior_out[rows]
@@ -202,6 +204,34 @@ class MoAAttention(nn.Module):
             out = prior_out.index_copy(0, rows, mixed)
         if state.observers:
             state.notify(LayerEvent(self.path, self.kind, share, hw, state, qp, kvs[0][0], self.heads))
+        return out
+
+    def sparse_mix(self, x, q, k, v, prior_out: torch.Tensor, state: CallState, transformer_options: dict,
+                   context: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft routing with the personalized expert computed only for the pixels whose share is
+        above settings.sparse_threshold (its queries for those pixels, its keys/values from all
+        pixels, through hard routing's gather/scatter); the other pixels keep the prior's output
+        exactly: their share counts as 0. Against `mix`, a skipped pixel with share s differs by
+        s * (personal - prior), so by at most sparse_threshold * |personal - prior|; a computed
+        pixel differs only by float rounding (its to_out runs on the selected pixels' shape)."""
+        share, hw = self.routed_share(x, state, transformer_options)
+        share = share.masked_fill(share <= state.settings.sparse_threshold, 0.0)
+        if state.observers:
+            state.notify(LayerEvent(self.path, self.kind, share, hw, state, heads=self.heads))
+        selected = [(share[i, :, 0] > 0).nonzero().squeeze(1) for i in range(share.shape[0])]
+        if not any(s.numel() for s in selected):
+            return prior_out
+        found = self.hard_personal_attention(x, q, k, v, state, hw, selected, transformer_options, context, value)
+        to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
+        index = {r: i for i, r in enumerate(state.rows.tolist())}
+        out = prior_out.clone()
+        for r, sel, a in found:
+            with record_function("moa.expert"):
+                personal = self.moa.expert.project("to_out", a, to_out)[0]
+            with record_function("moa.mix"):
+                prior_sel = out[r, sel]
+                s = share[index[r], sel].to(prior_sel.dtype)
+                out[r, sel] = prior_sel + s * (personal.to(prior_sel.dtype) - prior_sel)
         return out
 
 
