@@ -66,9 +66,20 @@ class MoAInvertPhoto:
                               "tooltip": "Guidance while inverting. 1 (no guidance) inverts most exactly; regenerate "
                                          "with the same cfg."}),
             "refine": ("INT", {"default": 0, "min": 0, "max": MAX_REFINE, "tooltip": REFINE_TOOLTIP}),
+        }, "optional": {
+            "subject_mask": ("MASK", {"tooltip": "The old subject's mask in the photo (where the new subject goes). "
+                                                 "Needed when renoise is above 0; grow it a little (Grow Mask)."}),
+            "renoise": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                                  "Fresh noise blended into the inverted noise inside subject_mask. The inverted noise "
+                                  "remembers the old subject's colours and shape, and the regeneration follows them: "
+                                  "raise this when the old subject comes back. 0 = the inversion as it is; 1 = fresh "
+                                  "noise inside the mask. Outside the mask the inversion is kept exactly."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                             "tooltip": "Seed of the fresh noise that renoise blends in."}),
         }}
 
-    def invert(self, model, vae, image, positive, negative, steps, scheduler, cfg, refine):
+    def invert(self, model, vae, image, positive, negative, steps, scheduler, cfg, refine, subject_mask=None,
+               renoise=0.0, seed=0):
         if not isinstance(image, torch.Tensor) or image.ndim != 4:
             raise refuse(INVERT_NODE, "image must be an IMAGE batch [B, H, W, C]; connect Load Image")
         h, w = int(image.shape[1]), int(image.shape[2])
@@ -79,5 +90,6 @@ class MoAInvertPhoto:
         check_finite(INVERT_NODE, image=image)
         with refusals(INVERT_NODE):     # invert_latent refuses a model carrying MoA, and a bad step count
             photo = {"samples": vae.encode(image[:, :, :, :3])}
-            noise = invert_latent(model, positive, negative, photo, int(steps), scheduler, float(cfg), int(refine))
+            noise = invert_latent(model, positive, negative, photo, int(steps), scheduler, float(cfg), int(refine),
+                                  subject_mask, float(renoise), int(seed))
         return (noise, photo)

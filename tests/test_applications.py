@@ -346,6 +346,37 @@ def test_invert_photo_node_validates_its_inputs(comfy, tiny_model):
         invert_latent(tiny_model, pos, neg, {"samples": _photo_latent()}, 0, "normal", 1.0)
 
 
+def test_renoise_replaces_the_inverted_noise_only_inside_the_subject_mask(comfy, tiny_model):
+    """MoA Invert Photo's renoise: outside the mask the inversion bit for bit, inside fresh noise at the
+    scale of a txt2img start (sqrt(1 + sigma_max^2)) for renoise 1, a variance-keeping blend below;
+    the same seed the same noise; a missing or mis-batched mask refused before the inversion runs."""
+    from comfyui_moa.moa_attention.comfyui.inversion import invert_latent
+    from comfyui_moa.moa_attention.engine.errors import MoAInputError
+    _, pos, neg = conds()
+    z0 = _photo_latent(hw=16)
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 32:96] = 1.0                       # the picture's size: the latent's 4..12 square
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[4:12, 4:12] = True
+
+    def invert(renoise, seed=0, region=mask):
+        return invert_latent(tiny_model, pos, neg, {"samples": z0}, 5, "normal", 1.0, 0, region, renoise,
+                             seed)["samples"]
+    plain, fresh, half = invert(0.0), invert(1.0), invert(0.5)
+    assert torch.equal(fresh[..., ~inside], plain[..., ~inside]) and torch.equal(half[..., ~inside], plain[..., ~inside])
+    sigma = float(tiny_model.get_model_object("model_sampling").sigma_max)
+    assert fresh[..., inside].std().item() == pytest.approx((1 + sigma ** 2) ** 0.5, rel=0.15)
+    corr = torch.corrcoef(torch.stack([fresh[..., inside].flatten(), plain[..., inside].flatten()]))[0, 1]
+    assert abs(corr.item()) < 0.2                      # fresh: nothing of the inversion left inside
+    expected = 0.5 ** 0.5 * plain[..., inside] + 0.5 ** 0.5 * fresh[..., inside]
+    assert torch.allclose(half[..., inside], expected, atol=1e-4)
+    assert torch.equal(invert(1.0, seed=0), fresh) and not torch.equal(invert(1.0, seed=1), fresh)
+    with pytest.raises(MoAInputError, match="renoise 1.0 needs subject_mask"):
+        invert(1.0, region=None)
+    with pytest.raises(MoAInputError, match="subject_mask has a batch of 2 for 1 photo"):
+        invert(1.0, region=mask.repeat(2, 1, 1))
+
+
 def test_inversion_sampler_node_plugs_into_sampler_custom(comfy, tiny_model):
     """ComfyUI's own composition: SamplerCustom (add_noise off) + MoA DDIM Inversion Sampler + the sigmas of the
     regeneration gives the same noise as MoA Invert Photo's path, and bad sigmas are refused clearly."""

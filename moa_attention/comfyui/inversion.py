@@ -14,7 +14,8 @@ import torch
 
 from ..engine.errors import MoAError, MoAInputError
 from ..engine.finite import require_finite
-from ..engine.inversion import ddim_invert
+from ..engine.inversion import ddim_invert, renoise_region
+from ..engine.masks import resize_mask
 from .patch import get_controller
 
 
@@ -58,20 +59,45 @@ def check_prior_model(model) -> None:
 
 
 def invert_latent(model, positive, negative, latent: dict, steps: int, scheduler: str, cfg: float,
-                  refine: int = 0) -> dict:
+                  refine: int = 0, region: torch.Tensor | None = None, renoise: float = 0.0, seed: int = 0) -> dict:
     """The LATENT of the inverted noise for `steps` steps of `scheduler` (what KSamplerAdvanced with
-    add_noise disabled continues from)."""
+    add_noise disabled continues from). `region` (a MASK, [B or 1, H, W] at the picture's or the
+    latent's size) and `renoise` > 0: fresh noise (from `seed`) blended in there, see
+    engine.inversion.renoise_region."""
     import comfy.sample
     import comfy.samplers
 
     if int(steps) < 1:
         raise MoAInputError(f"steps must be at least 1, got {steps}")
     check_prior_model(model)
+    if renoise:
+        _renoise_mask(region, float(renoise), latent["samples"].shape[0])     # before minutes of inversion
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
     noise = torch.zeros_like(samples)
     inverted = comfy.sample.sample_custom(model, noise, cfg, inversion_sampler(refine), sigmas, positive, negative,
                                           samples, disable_pbar=True, seed=0)
+    if renoise:
+        inverted = _renoised(inverted, region, float(renoise), float(sigmas[0]), int(seed))
     out = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
     out["samples"] = inverted
     return out
+
+
+def _renoise_mask(region: torch.Tensor | None, amount: float, photos: int) -> torch.Tensor:
+    """The subject mask renoise needs, [B or 1, H, W]; refused by name when missing or unusable."""
+    if region is None:
+        raise MoAInputError(f"renoise {amount} needs subject_mask: the old subject's mask in the photo (where the new "
+                            f"subject goes); without it set renoise to 0")
+    require_finite("subject_mask", region)
+    mask = region if region.ndim == 3 else region.reshape(-1, *region.shape[-2:])
+    if mask.shape[0] not in (1, photos):
+        raise MoAInputError(f"subject_mask has a batch of {mask.shape[0]} for {photos} photo(s): give one mask, or "
+                            f"one per photo")
+    return mask
+
+
+def _renoised(inverted: torch.Tensor, region: torch.Tensor | None, amount: float, sigma: float,
+              seed: int) -> torch.Tensor:
+    mask = resize_mask(_renoise_mask(region, amount, inverted.shape[0]), inverted.shape[-2:])
+    return renoise_region(inverted, mask, amount, sigma, torch.Generator().manual_seed(seed))

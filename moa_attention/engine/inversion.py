@@ -54,3 +54,25 @@ def ddim_invert(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, refine
         if callback is not None:
             callback(i, x, hi)
     return x
+
+
+def renoise_region(inverted: torch.Tensor, region: torch.Tensor, amount: float, sigma: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Fresh noise blended into `region` ([B or 1, h, w] in [0, 1], at the latent's size) of an
+    inverted latent at `sigma`: sqrt(1 - a) * inverted + sqrt(a) * fresh with a = amount * region.
+
+    The inverted noise keeps the old subject's colours and shape, which the regeneration follows
+    (a swap then redraws the old subject); fresh noise there leaves the subject to the new
+    reference while the inverted noise outside keeps the photo's context. Pixels outside the
+    region are returned bit for bit. The fresh noise is scaled as KSampler scales a txt2img start
+    (sqrt(1 + sigma^2), SD1.5's eps models)."""
+    if not 0.0 <= amount <= 1.0:
+        raise MoAInputError(f"renoise must be in [0, 1], got {amount} (0 = the inversion as it is, 1 = fresh noise "
+                            f"inside the subject's mask)")
+    a = (region.to(inverted.device, torch.float32).clamp(0, 1) * amount)[:, None].expand_as(inverted)
+    if amount == 0.0 or not bool((a > 0).any()):
+        return inverted
+    fresh = torch.randn(inverted.shape, generator=generator).to(inverted.device, torch.float32)
+    fresh = fresh * (1.0 + float(sigma) ** 2) ** 0.5
+    blend = (1 - a).sqrt() * inverted.float() + a.sqrt() * fresh
+    return torch.where(a > 0, blend.to(inverted.dtype), inverted)
