@@ -42,6 +42,8 @@ class SampleSpec:
     swap_sampler: str = "euler"
     swap_scheduler: str = "normal"
     swap_refine: int = 3
+    strength: float = 1.0            # MoA Apply's strength, txt2img and swap
+    swap_renoise: float = 0.0        # MoA Invert Photo's renoise inside the old subject's region
 
 
 def comfy_model(model):
@@ -99,15 +101,16 @@ def run_batches(base, adapter: LoadedAdapter, examples: list, features: list[tor
             args = (noise[idx], cond, unc, spec.steps, spec.cfg, spec.sampler, spec.scheduler)
         else:
             inv = invert_latent(base, [[cond, {}]], [[unc, {}]], {"samples": start[idx]}, spec.swap_steps,
-                                spec.swap_scheduler, spec.swap_cfg, spec.swap_refine)["samples"].float()
+                                spec.swap_scheduler, spec.swap_cfg, spec.swap_refine, regions[idx].float(),
+                                spec.swap_renoise, seed=int(idx[0]))["samples"].float()
             out["inverted"][idx] = inv
             args = (torch.zeros_like(inv), cond, unc, spec.swap_steps, spec.swap_cfg, spec.swap_sampler,
                     spec.swap_scheduler, inv)
         out["base"][idx] = _sample(base, *args)
-        soft = apply_moa(base, adapter, binds)
+        soft = apply_moa(base, adapter, binds, strength=spec.strength)
         out["soft"][idx] = _sample(soft, *args)
         out["router"][idx] = get_controller(soft).recorder.average()[: len(group)]
-        out["hard"][idx] = _sample(apply_moa(base, adapter, binds, hard_routing=True), *args)
+        out["hard"][idx] = _sample(apply_moa(base, adapter, binds, strength=spec.strength, hard_routing=True), *args)
     return out
 
 

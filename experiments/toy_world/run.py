@@ -59,6 +59,8 @@ class ToyConfig:
     scheduler: str = "ddim_uniform"
     swap_steps: int = 20                 # swap: MoA Invert Photo's steps and refine, regenerated at cfg 1
     swap_refine: int = 3
+    strength: float = 1.0                # MoA Apply's strength when sampling (txt2img and swap)
+    swap_renoise: float = 0.0            # MoA Invert Photo's renoise in the old subject's region
     loss: dict = field(default_factory=dict)     # TrainConfig loss options (CLI overrides)
     base: base_mod.BaseConfig = field(default_factory=base_mod.BaseConfig)
 
@@ -242,13 +244,17 @@ def table(results: dict) -> str:
     return "\n".join(one) + "\n\n" + "\n".join(x0) + "\n\n" + "\n".join(t2i) + "\n\n" + "\n".join(swap)
 
 
+def train_config(cfg: ToyConfig, base_path: Path, adapter_dir: Path, eval_examples: int) -> TrainConfig:
+    return TrainConfig(base=base_path, clip_vision=Path("toy-encoder"), data=Path("toy-world"),
+                       output_dir=adapter_dir, expert=cfg.expert, rank=cfg.rank, resolution=world.SIZE * 8,
+                       batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps, seed=cfg.seed, checkpoint_every=0,
+                       log_every=10, eval_examples=eval_examples, force=True, device="cpu", **cfg.loss)
+
+
 def train(cfg: ToyConfig, out: Path, base_path: Path, unet, ac, examples: list, unseen: EvalSet) -> TrainConfig:
     """The adapter, trained by the trainer's own loop into out/adapter."""
     from comfyui_moa.moa_attention.training.loop import prepare_output
-    tc = TrainConfig(base=base_path, clip_vision=Path("toy-encoder"), data=Path("toy-world"),
-                     output_dir=out / "adapter", expert=cfg.expert, rank=cfg.rank, resolution=world.SIZE * 8,
-                     batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps, seed=cfg.seed, checkpoint_every=0,
-                     log_every=10, eval_examples=len(unseen.examples), force=True, device="cpu", **cfg.loss)
+    tc = train_config(cfg, base_path, out / "adapter", len(unseen.examples))
     prepare_output(tc, 0)
     if train_adapter(tc, unet, ac, examples, "cpu", eval_examples=unseen.examples) == 130:
         raise KeyboardInterrupt          # Ctrl-C: the adapter's checkpoint is kept, nothing to evaluate
@@ -268,7 +274,8 @@ def evaluate(cfg: ToyConfig, out: Path, model, tc: TrainConfig, train_ids: list,
     uninstall()
     patcher, loaded = comfy_eval.comfy_model(model), LoadedAdapter(adapter, "toy")
     spec = comfy_eval.SampleSpec(steps=cfg.sample_steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
-                                 scheduler=cfg.scheduler, swap_steps=cfg.swap_steps, swap_refine=cfg.swap_refine)
+                                 scheduler=cfg.scheduler, swap_steps=cfg.swap_steps, swap_refine=cfg.swap_refine,
+                                 strength=cfg.strength, swap_renoise=cfg.swap_renoise)
     for k, es in enumerate(sets):
         s, pictures = comfy_eval.txt2img_numbers(patcher, loaded, judged(es), centre, spec, cfg.seed * 1000 + 20 + k)
         results[es.name].update(s)
@@ -281,7 +288,8 @@ def evaluate(cfg: ToyConfig, out: Path, model, tc: TrainConfig, train_ids: list,
     return results
 
 
-def run(cfg: ToyConfig, out: Path, base_path: Path) -> dict:
+def run(cfg: ToyConfig, out: Path, base_path: Path, adapter_dir: Path | None = None) -> dict:
+    """Train (or, given `adapter_dir`, a finished run's adapter folder, reuse) and evaluate."""
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     model, _ = get_base(cfg, base_path)
@@ -292,7 +300,10 @@ def run(cfg: ToyConfig, out: Path, base_path: Path) -> dict:
     unseen = eval_set("unseen", unseen_ids, cfg.seed * 1000 + 4)
     seen = eval_set("seen", train_ids[: cfg.eval_identities], cfg.seed * 1000 + 5)
     t0 = time.time()
-    tc = train(cfg, out, base_path, model.diffusion_model, alphas_cumprod(model), examples, unseen)
+    if adapter_dir is None:
+        tc = train(cfg, out, base_path, model.diffusion_model, alphas_cumprod(model), examples, unseen)
+    else:
+        tc = train_config(cfg, base_path, adapter_dir, len(unseen.examples))
     t_train = time.time() - t0
     results = evaluate(cfg, out, model, tc, train_ids, [unseen, seen])
     results["seconds"] = {"base": round(t_base, 1), "adapter": round(t_train, 1),
@@ -353,18 +364,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter-seeds", type=int, default=1,
                    help="adapters trained (seeds --seed, --seed + 1, ...) on the one cached base, each in out/seed<N>, "
                         "and their headline numbers summarised with the spread (summary.md)")
+    p.add_argument("--adapter-dir", type=Path, default=None,
+                   help="evaluate the adapter of a finished run (its out/adapter folder) instead of training one; "
+                        "the run's other options must match it")
     p.add_argument("--base-steps", type=int, default=d.base.steps)
+    p.add_argument("--base-channels", type=int, default=d.base.model_channels,
+                   help="the base UNet's model_channels (32: 1.6M parameters; 64: 5.2M, draws cleaner objects)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads (default: all cores; use 1 when other jobs share the cores)")
     ns = vars(p.parse_args(argv))
     torch.set_num_threads(ns.pop("threads"))
     out, base_file, n_seeds = ns.pop("out"), ns.pop("base_file"), ns.pop("adapter_seeds")
-    base_cfg = base_mod.BaseConfig(steps=ns.pop("base_steps"))
+    adapter_dir = ns.pop("adapter_dir")
+    if adapter_dir is not None and n_seeds > 1:
+        p.error("--adapter-dir evaluates one adapter: drop --adapter-seeds")
+    base_cfg = base_mod.BaseConfig(steps=ns.pop("base_steps"), model_channels=ns.pop("base_channels"))
     loss = {k: ns.pop(k) for k in LOSS_OPTIONS}
     cfg = ToyConfig(**ns, loss=loss, base=base_cfg)
     if n_seeds <= 1:
         torch.manual_seed(cfg.seed)
-        run(cfg, out, base_file)
+        run(cfg, out, base_file, adapter_dir)
         return 0
     per_seed = {}
     for seed in range(cfg.seed, cfg.seed + n_seeds):
