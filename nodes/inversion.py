@@ -74,7 +74,7 @@ class MoAInvertPhoto:
                                   "remembers the old subject's colours and shape, and the regeneration follows them: "
                                   "raise this when the old subject comes back. 0 = the inversion as it is; 1 = fresh "
                                   "noise inside the mask. Outside the mask the inversion is kept exactly."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                              "tooltip": "Seed of the fresh noise that renoise blends in."}),
         }}
 
