@@ -27,6 +27,8 @@ CLIP_VISION = "clip_vision_vit_l14.safetensors"
 ADAPTER = "moa_sd15.safetensors"
 NEGATIVE = "blurry, lowres, deformed, watermark, text"
 SEED = 42
+#: MoA Invert Photo's renoise in the swap workflow: fresh noise where the new subject goes
+SWAP_RENOISE = 1.0
 
 MODELS_NOTE = f"""Model files (put them in ComfyUI/models/..., then press R to refresh the lists):
 - checkpoints/{CHECKPOINT}: an SD1.5 checkpoint (MoA adapters run on SD1.5 models).
@@ -189,7 +191,9 @@ def subject_swap():
           "subject expert draws the new subject. Without MoA (or at strength 0) the photo comes back.",
           "MoA Apply's prompt must be the photo's prompt (same words; the class word names the subject to swap). "
           "The region (white = the old subject) keeps the new subject where the old one was; the rest stays the "
-          "photo's. More inversion steps (and refine) = closer to the photo. The photo's size must be a multiple of 8.",
+          "photo's. The region is also MoA Invert Photo's subject_mask: renoise puts fresh noise there, so the old "
+          "subject's colours and shape do not come back (0 = the plain inversion; the rest of the photo is kept "
+          "either way). More inversion steps (and refine) = closer to the photo. The photo's size must be a multiple of 8.",
           MODELS_NOTE, MASK_NOTE)
     models(nodes, links, col=0)
     nodes["photo"] = dict(type="LoadImage", col=1, title="Photo to edit", widgets={"image": "photo.png"},
@@ -199,7 +203,8 @@ def subject_swap():
     nodes["negative"] = dict(type="CLIPTextEncode", col=1, title="Negative prompt", size=[320, 110],
                              widgets={"text": NEGATIVE})
     nodes["invert"] = dict(type="MoAInvertPhoto", col=1, widgets={"steps": 50, "scheduler": "normal", "cfg": 1.0,
-                                                                  "refine": 0})
+                                                                  "refine": 0, "renoise": SWAP_RENOISE, "seed": 0,
+                                                                  "control_after_generate": "fixed"})
     subject(nodes, links, "subject", "New subject", "subject.png", "subject_mask.png", "man", col=2,
             region="photo_subject_region.png")
     nodes["apply"] = dict(type="MoAApply", col=3, size=[400, 290], widgets={
@@ -223,7 +228,7 @@ def subject_swap():
               ("ckpt", 0, "apply", "model"), ("adapter", 0, "apply", "moa_adapter"), ("ckpt", 1, "apply", "clip"),
               ("clipvision", 0, "apply", "clip_vision"), ("subject", 0, "apply", "subjects"),
               ("apply", 0, "sampler", "model"), ("apply", 1, "sampler", "positive"), ("negative", 0, "sampler", "negative"),
-              ("invert", 0, "sampler", "latent_image"),
+              ("invert", 0, "sampler", "latent_image"), ("subject_region", 0, "invert", "subject_mask"),
               ("sampler", 0, "decode", "samples"), ("ckpt", 2, "decode", "vae"),
               ("apply", 0, "maps", "model"), ("sampler", 0, "maps", "samples"), ("decode", 0, "maps", "image"),
               ("photo", 0, "stitch", "image1"), ("decode", 0, "stitch", "image2"), ("stitch", 0, "save", "images"),

@@ -21,7 +21,7 @@ MIN_IN_OUT_RATIO = 1.5
 # identity: one UNet step at t=800 on 48 unseen scenes (16 per class, chance 1/16); the x0 estimate
 # inside the subject must be nearest to the subject's own reference. A fresh adapter is the base,
 # which reads only what the noisy scene still shows; measured numbers in
-# experiments/toy_world/IDENTITY.md.
+# experiments/toy_world/README.md.
 STEPS = 100
 RECIPE: dict = {}
 IDENTITY_T = 800
@@ -114,7 +114,7 @@ def test_fresh_adapter_stays_below_the_identity_threshold(toy_run):
 
 
 @pytest.mark.xfail(strict=True, reason="the cut-down adapter does not learn identity within a CI budget yet "
-                                       "(its numbers: experiments/toy_world/IDENTITY.md)")
+                                       "(its numbers: experiments/toy_world/README.md)")
 def test_adapter_carries_the_identity_of_unseen_subjects(toy_run):
     """Where a picture's colours are decided (high noise), MoA's x0 estimate inside the subject is
     nearest to the subject's own reference among its class's 16 far more often than chance (1/16)
