@@ -21,26 +21,7 @@ from comfyui_moa.moa_attention.engine.router import apply_strength, hard_route
 from comfyui_moa.moa_attention.engine.router_maps import RouterRecorder
 from comfyui_moa.moa_attention.engine.subject_images import check_images_and_masks, crop_subject
 
-DIM, CTX, HEADS = 16, 24, 2
-
-
-class Attention(nn.Module):
-    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = HEADS) -> None:
-        super().__init__()
-        context_dim = context_dim or query_dim
-        self.heads = heads
-        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Dropout(0.0))
-
-    def forward(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006
-        q = self.to_q(x)
-        ctx = x if context is None else context
-        k, v = self.to_k(ctx), self.to_v(ctx if value is None else value)
-        b, n, _ = q.shape
-        q, k, v = (t.reshape(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
-        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+from support.sd_attention import CTX, DIM, Attention
 
 
 class Block(nn.Module):
