@@ -70,15 +70,15 @@ def invert_latent(model, positive, negative, latent: dict, steps: int, scheduler
     if int(steps) < 1:
         raise MoAInputError(f"steps must be at least 1, got {steps}")
     check_prior_model(model)
-    if renoise:
-        _renoise_mask(region, float(renoise), latent["samples"].shape[0])     # before minutes of inversion
+    mask = _renoise_mask(region, float(renoise), latent["samples"].shape[0]) if renoise else None  # before inverting
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
     noise = torch.zeros_like(samples)
     inverted = comfy.sample.sample_custom(model, noise, cfg, inversion_sampler(refine), sigmas, positive, negative,
                                           samples, disable_pbar=True, seed=0)
-    if renoise:
-        inverted = _renoised(inverted, region, float(renoise), float(sigmas[0]), int(seed))
+    if mask is not None:
+        inverted = renoise_region(inverted, resize_mask(mask, inverted.shape[-2:]), float(renoise), float(sigmas[0]),
+                                  torch.Generator().manual_seed(int(seed)))
     out = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
     out["samples"] = inverted
     return out
@@ -95,9 +95,3 @@ def _renoise_mask(region: torch.Tensor | None, amount: float, photos: int) -> to
         raise MoAInputError(f"subject_mask has a batch of {mask.shape[0]} for {photos} photo(s): give one mask, or "
                             f"one per photo")
     return mask
-
-
-def _renoised(inverted: torch.Tensor, region: torch.Tensor | None, amount: float, sigma: float,
-              seed: int) -> torch.Tensor:
-    mask = resize_mask(_renoise_mask(region, amount, inverted.shape[0]), inverted.shape[-2:])
-    return renoise_region(inverted, mask, amount, sigma, torch.Generator().manual_seed(seed))
