@@ -14,7 +14,7 @@ import torch
 
 from ..engine.dataset_writer import ExampleSubject, append_example, dataset_folder
 from ..engine.errors import MoAInputError
-from ..engine.subject_images import MASK_THRESHOLD
+from ..engine.subject_images import mask_box
 from .subjects import SubjectInput, subject_label
 
 
@@ -24,16 +24,11 @@ def _is_the_picture(subject: SubjectInput, picture: torch.Tensor) -> bool:
             and torch.equal(photos[0].float().cpu(), picture.float().cpu()))
 
 
-def _box(mask: torch.Tensor) -> tuple[slice, slice]:
-    ys, xs = torch.nonzero(mask > MASK_THRESHOLD, as_tuple=True)
-    return slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)
-
-
 def example_subject(subject: SubjectInput, picture: torch.Tensor) -> ExampleSubject:
     """The subject's mask in `picture` [H, W, 3] and its references, as the module docstring says."""
     if _is_the_picture(subject, picture):
         mask = subject.masks[0].float().cpu()
-        rows, cols = _box(mask)
+        rows, cols = mask_box(mask)
         return ExampleSubject(subject.class_word, mask, picture[rows, cols][None], mask[rows, cols][None])
     label = subject_label(subject)
     if subject.region is None:

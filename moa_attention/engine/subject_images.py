@@ -40,11 +40,16 @@ def check_images_and_masks(images: torch.Tensor, masks: torch.Tensor | None, lab
     return masks.to(images)
 
 
+def mask_box(mask: torch.Tensor) -> tuple[slice, slice]:
+    """Rows and columns of the box around a non-empty mask's pixels above MASK_THRESHOLD."""
+    ys, xs = torch.nonzero(mask > MASK_THRESHOLD, as_tuple=True)
+    return slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)
+
+
 def crop_subject(image: torch.Tensor, mask: torch.Tensor, size: int = 224, margin: float = 0.08) -> torch.Tensor:
     """One image [H, W, 3] + mask [H, W] -> [size, size, 3] subject on a white square."""
-    keep = mask > MASK_THRESHOLD
-    ys, xs = torch.nonzero(keep, as_tuple=True)
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    rows, cols = mask_box(mask)
+    y0, y1, x0, x1 = rows.start, rows.stop, cols.start, cols.stop
     cut = image * mask[..., None] + BACKGROUND * (1 - mask[..., None])
     cut = cut[y0:y1, x0:x1]
     side = int(max(y1 - y0, x1 - x0) * (1 + 2 * margin)) or 1
