@@ -146,6 +146,61 @@ def test_step_casts_inputs_to_a_half_precision_unet(comfy):
     assert all(p.grad is None for p in unet.parameters())
 
 
+def _grad_norm(adapter, routers: bool) -> float:
+    return float(sum(p.grad.norm() ** 2 for n, p in adapter.named_parameters()
+                     if p.grad is not None and ("router" in n) == routers) ** 0.5)
+
+
+def _expert_grad_norm(adapter) -> float:
+    return _grad_norm(adapter, routers=False)
+
+
+def _router_grad_norm(adapter) -> float:
+    return _grad_norm(adapter, routers=True)
+
+
+def test_mask_routed_loss_trains_the_expert_at_full_share_from_a_fresh_router(comfy):
+    """A fresh router gives the expert a share of 0.018, so the subject's denoising error reaches
+    the expert scaled by it; routed by the subject mask, the same error reaches it in full, and
+    the router (saturated) is left to its own losses."""
+    from support.model_factory import build_sd15_model_patcher, tiny_unet_config
+    from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.engine.layer import install_layers
+    from comfyui_moa.moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.encode import Example
+    from comfyui_moa.moa_attention.training.losses import mask_routed_loss
+    from comfyui_moa.moa_attention.training.step import MoATrainStep
+    model = build_sd15_model_patcher(tiny_unet_config(model_channels=32, levels=1), seed=0)
+    unet = model.model.diffusion_model.requires_grad_(False)
+    adapter = init_adapter_from_unet(unet, rank=4)
+    install_layers(unet, adapter)
+    masks = torch.zeros(1, 8, 8)
+    masks[:, 2:6, 2:6] = 1
+    g = torch.Generator().manual_seed(0)
+    batch = [Example(torch.randn(4, 8, 8, generator=g), torch.randn(77, 768, generator=g), [[2]],
+                     [torch.randn(768, generator=g)], masks, "a dog")]
+    step = MoATrainStep(adapter, unet, alphas_cumprod(model.model), TrainConfig(Path(), Path(), Path(), Path()))
+    noise, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([700])
+    abar = step.alphas_cumprod[t]
+    with torch.no_grad():
+        for routed in (False, True):
+            # a fresh expert is the prior: routed by the mask or by the router, the base's prediction
+            f = step.run(batch, noise, t, with_base=True, mask_routed=routed)
+            torch.testing.assert_close(f.pred, f.base, atol=1e-5, rtol=1e-5)
+        for name, p in adapter.named_parameters():
+            if "expert" in name:
+                p.add_(1e-2 * torch.randn(p.shape, generator=g))     # an expert that differs from the prior
+    grads = {}
+    for routed in (False, True):
+        adapter.zero_grad(set_to_none=True)
+        f = step.run(batch, noise, t, with_base=False, mask_routed=routed)
+        mask_routed_loss(f.pred, f.noise, f.masks, abar, cap=20.0).backward()
+        grads[routed] = (_expert_grad_norm(adapter), _router_grad_norm(adapter))
+    assert grads[True][0] > 20 * grads[False][0], grads      # ~1 / 0.018 = 55x
+    assert grads[False][1] > 0 and grads[True][1] == 0, grads
+
+
 @pytest.mark.parametrize("bias", ["uniform", "cubic"])
 def test_data_parallel_ranks_draw_slices_of_the_one_process_batch(bias):
     from comfyui_moa.moa_attention.training.config import TrainConfig

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--effect-x0-weight", type=float, default=d.effect_x0_weight,
                    help="weight of the change against the base model outside the subjects in x0 units (the "
                         "picture the sampler heads for), capped like --subject-x0-weight")
+    x.add_argument("--mask-routed-weight", type=float, default=d.mask_routed_weight,
+                   help="weight of the subject's denoising error (x0 units at high noise) in a second forward "
+                        "where the subject mask routes instead of the router: the expert learns the subject "
+                        "at full share from the first step (one extra UNet forward and backward per step)")
     x.add_argument("--x0-weight-cap", type=float, default=d.x0_weight_cap,
                    help="cap of the (1 - abar) / abar factor of the x0-unit terms (20: reached at t=771)")
     x.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default=d.timestep_bias,

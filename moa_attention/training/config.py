@@ -37,6 +37,7 @@ class TrainConfig:
     router_margin: float = 2.0                   # a fresh router's logit margin towards the prior
     subject_x0_weight: float = 0.0               # the subject's error in x0 units at high noise (ours)
     effect_x0_weight: float = 0.0                # background_effect in x0 units (ours)
+    mask_routed_weight: float = 0.0              # the expert on the subject, routed by its mask (ours)
     x0_weight_cap: float = 20.0                  # cap of (1 - abar) / abar in the x0-unit terms
     timestep_bias: str = "uniform"               # or "cubic" (T2I-Adapter's: more high-noise steps)
     eval_examples: int = 32                      # examples evaluate() measures before/after

@@ -38,7 +38,7 @@ from .step import AUROC_MAX_T, MoATrainStep, draw, evaluate
 from .unet import borrowed_unet, checkpointed_blocks
 
 LOG_FIELDS = ["step", "loss", "denoise", "router", "subject_route", "object", "effect", "subject_x0", "effect_x0",
-              "bg_share", "fg_share", "share_auroc", "lr", "seconds"]
+              "mask_routed", "bg_share", "fg_share", "share_auroc", "lr", "seconds"]
 
 Sampler = Callable[[MoAAdapter, int], None]
 

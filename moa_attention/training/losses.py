@@ -58,6 +58,16 @@ def subject_x0_loss(pred: torch.Tensor, target: torch.Tensor, subject_masks: tor
     return (inside * x0_scale(alphas_cumprod, cap)).mean()
 
 
+def mask_routed_loss(pred: torch.Tensor, target: torch.Tensor, subject_masks: torch.Tensor,
+                     alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
+    """The subject's denoising error, weighted max(1, x0 scale), of a forward routed by the
+    subject masks (ours). The router starts near the prior, so the expert's gradient is scaled by
+    a share near 0 at first and stays small at high noise, where the share is lowest and the
+    identity is decided; routed by the mask, the expert learns the subject at full share."""
+    inside = _masked_mean(_squared_error(pred, target), subject_masks.amax(dim=1).flatten(1))
+    return (inside * x0_scale(alphas_cumprod, cap).clamp(min=1.0)).mean()
+
+
 def background_effect_x0_loss(pred: torch.Tensor, base: torch.Tensor, subject_masks: torch.Tensor,
                               alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
     """background_effect_loss in x0 units (ours): what the expert changes in the picture the

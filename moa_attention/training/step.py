@@ -18,7 +18,12 @@ from .capture import LossCapture, share_map
 from .config import TrainConfig
 from .encode import Example
 from .losses import (background_effect_loss, background_effect_x0_loss, background_share, denoising_loss,
-                     object_loss, router_loss, subject_route_loss, subject_x0_loss)
+                     mask_routed_loss, object_loss, router_loss, subject_route_loss, subject_x0_loss)
+
+#: routing by the subject masks alone: a strength that lifts any share above 1e-4 over one half,
+#: the masks as the region, then hard routing: the expert on the subject, the prior elsewhere,
+#: and no gradient to the router (a step function)
+MASK_ROUTED = MoASettings(strength=1e4, hard=True)
 
 
 def model_dtype(diffusion_model: nn.Module) -> torch.dtype:
@@ -53,7 +58,7 @@ class MoATrainStep(nn.Module):
         self.cfg = cfg
 
     def run(self, batch: list[Example], noise: torch.Tensor, timesteps: torch.Tensor, with_base: bool,
-            settings: MoASettings | None = None) -> Forward:
+            settings: MoASettings | None = None, mask_routed: bool = False) -> Forward:
         device = self.alphas_cumprod.device
         x0 = torch.stack([e.latent for e in batch]).to(device).float()
         text = torch.stack([e.text for e in batch]).to(device)
@@ -72,7 +77,10 @@ class MoATrainStep(nn.Module):
         noisy_m, text_m, t_m = noisy.to(dtype), text.to(dtype), timesteps.float()
         capture = LossCapture([e.positions for e in batch])
         hw = (int(x0.shape[-2]), int(x0.shape[-1]))
-        state = CallState.whole_batch(fused.to(dtype), hw, settings, observers=(capture,))
+        if mask_routed:
+            state = CallState.whole_batch(fused.to(dtype), hw, MASK_ROUTED, regions=masks.amax(dim=1, keepdim=True))
+        else:
+            state = CallState.whole_batch(fused.to(dtype), hw, settings, observers=(capture,))
         pred = self.unet(noisy_m, t_m, context=text_m, transformer_options={STATE_KEY: state}).float()
         base = None
         if with_base:
@@ -93,12 +101,18 @@ class MoATrainStep(nn.Module):
                   "subject_x0": subject_x0_loss(f.pred, f.noise, f.masks, abar, cfg.x0_weight_cap),
                   "effect_x0": (background_effect_x0_loss(f.pred, f.base, f.masks, abar, cfg.x0_weight_cap)
                                 if f.base is not None else f.pred.new_zeros(()))}
+        if cfg.mask_routed_weight > 0:
+            routed = self.run(batch, noise, timesteps, with_base=False, mask_routed=True)
+            losses["mask_routed"] = mask_routed_loss(routed.pred, routed.noise, routed.masks, abar, cfg.x0_weight_cap)
+        else:
+            losses["mask_routed"] = f.pred.new_zeros(())
         losses["loss"] = (losses["denoise"] + cfg.router_loss_weight * losses["router"]
                           + cfg.subject_route_weight * losses["subject_route"]
                           + cfg.object_loss_weight * losses["object"]
                           + cfg.background_effect_weight * losses["effect"]
                           + cfg.subject_x0_weight * losses["subject_x0"]
-                          + cfg.effect_x0_weight * losses["effect_x0"])
+                          + cfg.effect_x0_weight * losses["effect_x0"]
+                          + cfg.mask_routed_weight * losses["mask_routed"])
         bg, fg = background_share(f.captured, f.masks, f.hw)
         losses["bg_share"], losses["fg_share"] = torch.tensor(bg), torch.tensor(fg)
         with torch.no_grad():
