@@ -1,7 +1,8 @@
 """The MoA training loop, on the same MoAAttention/MoAAdapter modules the nodes run.
 
-The frozen encoders run once, before the loop (encode.py), so each step only runs the UNet
-with its MoA layers (step.py). Rank 0 writes everything: log, checkpoints, samples, adapter.
+The frozen encoders run once per example, before the loop, into a cache on disk (cache.py:
+decoding in DataLoader workers, the encoders in this process, sharded over the processes), so
+each step only reads its examples and runs the UNet with its MoA layers (step.py). Rank 0 writes everything: log, checkpoints, samples, adapter.
 The caller's UNet is borrowed (unet.py): however training ends, it comes back as it came.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +34,8 @@ from ..engine.layer import moa_layers
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
 from .dataset import Record, read_dataset
-from .encode import Example, encoded_examples
+from .cache import cached_examples, fill_cache
+from .encode import Example
 from .sampling import write_sample
 from .step import AUROC_MAX_T, MoATrainStep, draw, evaluate
 from .unet import borrowed_unet, checkpointed_blocks
@@ -106,18 +109,27 @@ def dataset_records(cfg: TrainConfig) -> list[Record]:
 
 def run(cfg: TrainConfig) -> int:
     """The command line's run: load the checkpoint with ComfyUI (started by the caller, see
-    comfyui.bootstrap), encode the dataset (cached), then train_adapter() on it."""
+    comfyui.bootstrap), fill the encoder cache (each process its shard), then train_adapter() on
+    the cached examples; with --cache-only, stop after filling (no process group is joined)."""
     rank, world, local_rank = dist_info()
     device = training_device(cfg, local_rank)
-    _join_process_group(world, device)
-    prepare_output(cfg, rank)
+    if not cfg.cache_only:
+        _join_process_group(world, device)
+        prepare_output(cfg, rank)
     records = dataset_records(cfg)
     for label, path in (("--base", cfg.base), ("--clip-vision", cfg.clip_vision)):
         require_file(path, label)         # both, before minutes of loading
     model, clip, vae = load_sd15_checkpoint(cfg.base, "--base")
     clip_vision = load_clip_vision(cfg.clip_vision, "--clip-vision")
     image_encoder = image_encoder_of(clip_vision, "--clip-vision")
-    examples = encoded_examples(cfg, records, model, clip, vae, clip_vision, show=rank == 0)
+    filled = fill_cache(cfg, records, (model, clip, vae, clip_vision), rank, world, show=rank == 0)
+    print(filled.summary(rank, world), flush=True)
+    if cfg.cache_only:
+        return 0
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()                    # every shard written before any process reads them
+    examples = cached_examples(cfg, records)
     return train_adapter(cfg, model.model.diffusion_model, alphas_cumprod(model.model), examples, device,
                          sampler=_sampler(cfg, model, vae, examples[0], device), image_encoder=image_encoder)
 
@@ -156,8 +168,8 @@ class _Training:
 
 
 def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: torch.Tensor,
-                  examples: list[Example], device: torch.device | str, sampler: Sampler | None = None,
-                  eval_examples: list[Example] | None = None,
+                  examples: Sequence[Example], device: torch.device | str, sampler: Sampler | None = None,
+                  eval_examples: Sequence[Example] | None = None,
                   image_encoder: tuple[str, int] = (IMAGE_ENCODER_CLIP_L14, 768)) -> int:
     """Train (or --resume) a MoA adapter on pre-encoded examples: the loop `run` drives, callable
     directly (the toy-world experiment does) with any SD1.5-architecture diffusion model and its
@@ -177,7 +189,7 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
         _make_run_folders(cfg.output_dir)
     with borrowed_unet(diffusion_model, device) as unet:
         adapter, resume_from = _start_adapter(cfg, unet, device, rank, image_encoder)
-        _check_image_features(adapter, examples + list(eval_examples or []))
+        _check_image_features(adapter, [*_checked(examples), *_checked(eval_examples or [])])
         with moa_layers(unet, adapter, sdpa_attention), checkpointed_blocks(unet, cfg.gradient_checkpointing):
             training = prepare_run(cfg, adapter, unet, alphas_cumprod, device, rank, world, resume_from)
             if rank == 0:
@@ -227,7 +239,13 @@ def _check_resumed_encoder(adapter: MoAAdapter, image_encoder: tuple[str, int], 
             f"--clip-vision, or train into a new --output-dir")
 
 
-def _check_image_features(adapter: MoAAdapter, examples: list[Example]) -> None:
+def _checked(examples: Sequence[Example]) -> Sequence[Example]:
+    """The examples whose features are checked: all of a list, the first of a cached set (one
+    encoder made them all: the cache key holds --clip-vision)."""
+    return examples if isinstance(examples, list) else examples[:1]
+
+
+def _check_image_features(adapter: MoAAdapter, examples: Sequence[Example]) -> None:
     """The encoded subjects' features must be as wide as the adapter's image input."""
     config = adapter.config
     for example in examples:
@@ -255,7 +273,7 @@ def prepare_run(cfg: TrainConfig, adapter: MoAAdapter, unet: nn.Module, alphas_c
     return _Training(cfg, adapter, step_module, optimizer, names, device, rank, world, autocast, scaler, start)
 
 
-def _train_steps(training: _Training, examples: list[Example], sampler: Sampler | None) -> None:
+def _train_steps(training: _Training, examples: Sequence[Example], sampler: Sampler | None) -> None:
     """Optimizer steps until cfg.steps, each logged, checkpointed and sampled as configured."""
     from tqdm import tqdm
     cfg = training.cfg
@@ -276,7 +294,7 @@ def _train_steps(training: _Training, examples: list[Example], sampler: Sampler 
             _save_and_sample(training, sampler)
 
 
-def one_step(training: _Training, examples: list[Example], shape: tuple) -> dict[str, float]:
+def one_step(training: _Training, examples: Sequence[Example], shape: tuple) -> dict[str, float]:
     """One optimizer step over cfg.grad_accum micro-batches; the loss terms averaged (over ranks too)."""
     cfg = training.cfg
     training.optimizer.zero_grad(set_to_none=True)
@@ -357,7 +375,7 @@ def _mean_over_ranks(totals: dict[str, float], device: torch.device) -> dict[str
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def _finish(training: _Training, eval_set: list[Example], eval_before: dict[str, float]) -> None:
+def _finish(training: _Training, eval_set: Sequence[Example], eval_before: dict[str, float]) -> None:
     """Rank 0 after the last step: final checkpoint, adapter file, summary.json."""
     cfg, step = training.cfg, training.step
     if not cfg.checkpoint_every or step % cfg.checkpoint_every:
