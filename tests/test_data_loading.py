@@ -3,6 +3,8 @@ by its files and options), `--cache-only` sharded over processes, and a training
 reuses the cache instead of encoding."""
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 from pathlib import Path
@@ -139,12 +141,25 @@ def test_cache_only_fills_each_ranks_shard_and_training_then_encodes_nothing(env
     assert _cache_only(env, capsys) == (0, N)
     assert len(calls) == N and sorted(calls) == [f"manifest.jsonl line {i}" for i in range(1, N + 1)]
     out = tmp_path / "run"
-    assert run_in_process(train_args(env, out, "--steps", "2", "--eval-examples", "2")) == 0
+    assert run_in_process(train_args(env, out, "--steps", "2", "--eval-examples", "2", "--eval-every", "1")) == 0
     assert len(calls) == N, calls                                 # training encoded nothing
     assert f"0 example(s) cached, {N} already cached" in capsys.readouterr().out
     assert (out / "adapter.safetensors").is_file()
-    assert run_in_process(train_args(env, out, "--steps", "3", "--resume")) == 0
+    assert run_in_process(train_args(env, out, "--steps", "5", "--eval-examples", "2", "--eval-every", "2",
+                                     "--resume")) == 0
     assert len(calls) == N, calls                                 # nor did the resumed run
+    rows = _csv(out / "eval_log.csv")
+    assert [r["step"] for r in rows] == ["0", "1", "2", "4", "5"]   # before, every N steps, the last one
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("share_auroc", "fg_share", "bg_share", "change_in", "change_out"):
+        assert float(rows[-1][key]) == pytest.approx(summary["eval_after"][key], rel=1e-4, abs=1e-9), key
+    assert float(rows[0]["change_in"]) == float(rows[0]["change_out"]) == 0.0       # a fresh adapter changes nothing
+    assert float(rows[1]["change_in"]) > 0, rows
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def test_a_changed_file_or_option_is_encoded_again(env, comfy, monkeypatch, capsys):

@@ -82,6 +82,9 @@ def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="write a sample image every N steps")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="every N steps, the before/after evaluation of summary.json (share AUROC, change inside/"
+                        "outside the subjects) on the same examples, into eval_log.csv (0: only at the ends)")
     p.add_argument("--estimate", type=int, nargs="?", const=3, default=d.estimate, metavar="STEPS",
                    help="time STEPS (3) real training steps with these options and print seconds per step, peak "
                         "memory, the time for --steps and what to change if it does not fit; trains nothing")

@@ -51,6 +51,7 @@ class TrainConfig:
     sample_every: int = 0                        # 0 = no sample images
     sample_steps: int = 20
     log_every: int = 1
+    eval_every: int = 0                          # > 0: evaluate() every N steps into eval_log.csv
     resume: bool = False
     estimate: int = 0                            # > 0: time this many steps, report the run's cost, train nothing
     cache_only: bool = False                     # fill the encoder cache (this rank's shard) and stop

@@ -43,6 +43,8 @@ from .unet import borrowed_unet, checkpointed_blocks
 LOG_FIELDS = ["step", "loss", "denoise", "router", "subject_route", "object", "effect", "subject_x0", "effect_x0",
               "bg_share", "fg_share", "share_auroc", "lr", "seconds"]
 
+EVAL_FIELDS = ["step", "loss", "share_auroc", "fg_share", "bg_share", "change_in", "change_out"]
+
 Sampler = Callable[[MoAAdapter, int], None]
 
 
@@ -79,7 +81,8 @@ def prepare_output(cfg: TrainConfig, rank: int) -> None:
         if not cfg.force:
             raise MoAInputError(f"{out} is not empty: pass --resume to continue that run or --force to start over "
                                 f"(which deletes its checkpoints, samples and log)")
-        for child in ("checkpoints", "samples", "loss_log.csv", "adapter.safetensors", "config.json", "summary.json"):
+        for child in ("checkpoints", "samples", "loss_log.csv", "eval_log.csv", "adapter.safetensors", "config.json",
+                      "summary.json"):
             p = out / child
             if p.is_dir():
                 shutil.rmtree(p)
@@ -113,6 +116,8 @@ def run(cfg: TrainConfig) -> int:
     the cached examples; with --cache-only, stop after filling (no process group is joined)."""
     rank, world, local_rank = dist_info()
     device = training_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)     # ComfyUI runs the encoders on the current CUDA device: this process's
     if not cfg.cache_only:
         _join_process_group(world, device)
         prepare_output(cfg, rank)
@@ -196,8 +201,10 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
                 (cfg.output_dir / "config.json").write_text(json.dumps(adapter.config.training, indent=2))
             eval_set = eval_examples or examples
             eval_before = evaluate(training.plain_step, eval_set, cfg, device) if rank == 0 else {}
+            if rank == 0 and cfg.eval_every and training.step == 0:
+                _log_eval(cfg, 0, eval_before)
             try:
-                _train_steps(training, examples, sampler)
+                _train_steps(training, examples, sampler, eval_set)
             except KeyboardInterrupt:
                 _keep_interrupted(training)
                 return 130
@@ -273,7 +280,8 @@ def prepare_run(cfg: TrainConfig, adapter: MoAAdapter, unet: nn.Module, alphas_c
     return _Training(cfg, adapter, step_module, optimizer, names, device, rank, world, autocast, scaler, start)
 
 
-def _train_steps(training: _Training, examples: Sequence[Example], sampler: Sampler | None) -> None:
+def _train_steps(training: _Training, examples: Sequence[Example], sampler: Sampler | None,
+                 eval_set: Sequence[Example] = ()) -> None:
     """Optimizer steps until cfg.steps, each logged, checkpointed and sampled as configured."""
     from tqdm import tqdm
     cfg = training.cfg
@@ -291,7 +299,7 @@ def _train_steps(training: _Training, examples: Sequence[Example], sampler: Samp
             if not math.isfinite(totals["loss"]):
                 raise NonFiniteLossError(f"loss became {totals['loss']} at step {training.step}: lower --lr or use "
                                          f"--mixed-precision no")
-            _save_and_sample(training, sampler)
+            _save_and_sample(training, sampler, eval_set)
 
 
 def one_step(training: _Training, examples: Sequence[Example], shape: tuple) -> dict[str, float]:
@@ -318,10 +326,13 @@ def one_step(training: _Training, examples: Sequence[Example], shape: tuple) -> 
     return totals
 
 
-def _save_and_sample(training: _Training, sampler: Sampler | None) -> None:
+def _save_and_sample(training: _Training, sampler: Sampler | None, eval_set: Sequence[Example] = ()) -> None:
+    """Rank 0, after a step: the checkpoint, sample and evaluation that fall on it."""
     cfg = training.cfg
     if training.rank != 0:
         return
+    if cfg.eval_every and eval_set and training.step % cfg.eval_every == 0:
+        _log_eval(cfg, training.step, evaluate(training.plain_step, eval_set, cfg, training.device))
     if cfg.checkpoint_every and training.step % cfg.checkpoint_every == 0:
         save_checkpoint(cfg.output_dir, training.adapter, training.optimizer, training.names, training.step, cfg.keep_checkpoints)
     if sampler and cfg.sample_every and training.step % cfg.sample_every == 0:
@@ -334,6 +345,18 @@ def _keep_interrupted(training: _Training) -> None:
         cfg = training.cfg
         d = save_checkpoint(cfg.output_dir, training.adapter, training.optimizer, training.names, training.step, cfg.keep_checkpoints)
         print(f"\ninterrupted at step {training.step}: checkpoint kept in {d}; continue with --resume")
+
+
+def _log_eval(cfg: TrainConfig, step: int, totals: dict[str, float]) -> None:
+    """A row of eval_log.csv: the fixed-noise evaluation of summary.json (step 0: before
+    training), so the share's AUROC and the change inside/outside the subjects can be watched."""
+    path = cfg.output_dir / "eval_log.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=EVAL_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({"step": step, **{k: f"{totals[k]:.6g}" for k in EVAL_FIELDS[1:]}})
 
 
 class _LossLog:
@@ -385,6 +408,8 @@ def _finish(training: _Training, eval_set: Sequence[Example], eval_before: dict[
                "eval_before": eval_before,
                "eval_after": evaluate(training.plain_step, eval_set, cfg, training.device)}
     (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.eval_every and step % cfg.eval_every:
+        _log_eval(cfg, step, summary["eval_after"])
     after = summary["eval_after"]
     print(f"wrote {final} after {step} steps; eval loss {eval_before.get('loss', float('nan')):.4f} -> "
           f"{after['loss']:.4f}; personalized share inside/outside the subjects {after['fg_share']:.3f}/"
