@@ -35,6 +35,20 @@ def test_shards_are_disjoint_and_cover_every_example():
         shard(5, 2, 2)
 
 
+def test_a_process_waits_for_the_shards_the_others_write(tmp_path, capsys):
+    import threading
+    import time
+    from comfyui_moa.moa_attention.training.cache import wait_for_files
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    paths[0].write_bytes(b"mine")
+    writer = threading.Timer(0.3, lambda: [p.write_bytes(b"theirs") for p in paths[1:]])
+    t0 = time.perf_counter()
+    writer.start()
+    wait_for_files(paths, "the others' shards", poll=0.05)
+    assert time.perf_counter() - t0 >= 0.3 and all(p.is_file() for p in paths)
+    assert "waiting for the others' shards (2 file(s))" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def encoders(models_base, comfy):
     from comfyui_moa.moa_attention.comfyui.loading import load_clip_vision, load_sd15_checkpoint

@@ -102,6 +102,17 @@ class CachedExamples(Sequence):
         return load_example(self.paths[i])
 
 
+def wait_for_files(paths: list[Path], what: str, show: bool = True, poll: float = 2.0) -> None:
+    """Until every path exists: other processes are still writing them (torchrun stops the
+    whole job when one of its processes fails, so a lost shard does not wait forever)."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing and show:
+        print(f"waiting for {what} ({len(missing)} file(s))", flush=True)
+    while missing:
+        time.sleep(poll)
+        missing = [p for p in missing if not p.is_file()]
+
+
 def cached_examples(cfg: TrainConfig, records: list[Record]) -> CachedExamples:
     """The records' examples, all of which must be in the cache (fill_cache first)."""
     paths = cache_paths(cfg, records)

@@ -2,7 +2,8 @@
 
 The frozen encoders run once per example, before the loop, into a cache on disk (cache.py:
 decoding in DataLoader workers, the encoders in this process, sharded over the processes), so
-each step only reads its examples and runs the UNet with its MoA layers (step.py). Rank 0 writes everything: log, checkpoints, samples, adapter.
+each step only reads its examples and runs the UNet with its MoA layers (step.py). Rank 0
+writes everything: log, checkpoints, samples, adapter.
 The caller's UNet is borrowed (unet.py): however training ends, it comes back as it came.
 """
 from __future__ import annotations
@@ -31,10 +32,10 @@ from ..engine.adapter_file import load_adapter, save_adapter
 from ..engine.attention_fn import sdpa_attention
 from ..engine.errors import ModelMismatchError, MoAError, MoAInputError
 from ..engine.layer import moa_layers
+from .cache import cache_paths, cached_examples, fill_cache, wait_for_files
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
 from .dataset import Record, read_dataset
-from .cache import cached_examples, fill_cache
 from .encode import Example
 from .sampling import write_sample
 from .step import AUROC_MAX_T, MoATrainStep, draw, evaluate
@@ -112,14 +113,13 @@ def dataset_records(cfg: TrainConfig) -> list[Record]:
 
 def run(cfg: TrainConfig) -> int:
     """The command line's run: load the checkpoint with ComfyUI (started by the caller, see
-    comfyui.bootstrap), fill the encoder cache (each process its shard), then train_adapter() on
-    the cached examples; with --cache-only, stop after filling (no process group is joined)."""
+    comfyui.bootstrap), fill the encoder cache (each process its shard) and wait for the others'
+    shards, then train_adapter() on the cached examples; with --cache-only, stop after filling."""
     rank, world, local_rank = dist_info()
     device = training_device(cfg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)     # ComfyUI runs the encoders on the current CUDA device: this process's
     if not cfg.cache_only:
-        _join_process_group(world, device)
         prepare_output(cfg, rank)
     records = dataset_records(cfg)
     for label, path in (("--base", cfg.base), ("--clip-vision", cfg.clip_vision)):
@@ -131,9 +131,9 @@ def run(cfg: TrainConfig) -> int:
     print(filled.summary(rank, world), flush=True)
     if cfg.cache_only:
         return 0
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()                    # every shard written before any process reads them
+    # the other processes' shards, before joining the group: a long encoding never meets its timeout
+    wait_for_files(cache_paths(cfg, records), "the other processes' shards of the encoder cache", show=rank == 0)
+    _join_process_group(world, device)
     examples = cached_examples(cfg, records)
     return train_adapter(cfg, model.model.diffusion_model, alphas_cumprod(model.model), examples, device,
                          sampler=_sampler(cfg, model, vae, examples[0], device), image_encoder=image_encoder)
