@@ -197,7 +197,7 @@ def fc_env(models_base, fc_data, tmp_path_factory):
 
 def test_the_trainer_trains_on_the_folder_and_encodes_what_it_says(fc_env, fc_data, tmp_path, monkeypatch, comfy):
     from comfyui_moa.moa_attention.engine.errors import MoAInputError
-    from comfyui_moa.moa_attention.training.encode import load_examples
+    from comfyui_moa.moa_attention.training.cache import load_example
     from comfyui_moa.moa_attention.training.records import mask_from_array
     monkeypatch.setenv("MOA_CACHE_DIR", str(fc_env["cache"]))
     with pytest.raises(MoAInputError, match=r"6 problem\(s\)(.|\n)*id 0000200003: missing file"):
@@ -205,8 +205,9 @@ def test_the_trainer_trains_on_the_folder_and_encodes_what_it_says(fc_env, fc_da
     out = tmp_path / "run"
     assert run_in_process(train_args(fc_env, out, "--steps", "2", "--eval-examples", "2")) == 0
     assert (out / "adapter.safetensors").is_file()
-    (cached,) = list((fc_env["cache"] / "encoded").glob("*.safetensors"))
-    examples = {e.caption: e for e in load_examples(cached)}
+    cached = sorted((fc_env["cache"] / "encoded").glob("*.safetensors"))      # one file per example
+    examples = {e.caption: e for e in map(load_example, cached)}
+    assert len(cached) == len(examples)
     assert sorted(examples) == sorted(c for c, _ in GOOD.values())
     _, maps, _ = fc_data
     for image_id, (caption, segments) in GOOD.items():

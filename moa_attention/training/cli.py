@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-vision", type=Path, required=True, help="CLIP ViT-L/14 vision model (.safetensors)")
     p.add_argument("--data", type=Path, required=True,
                    help="dataset folder: manifest.jsonl, or FastComposer's layout (image_ids*.txt, <id[:5]>/<id>.jpg/json/npy)")
-    p.add_argument("--output-dir", type=Path, required=True,
-                   help="run folder: adapter.safetensors, checkpoints/, samples/, loss_log.csv")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="run folder: adapter.safetensors, checkpoints/, samples/, loss_log.csv (required but "
+                        "with --cache-only)")
     p.add_argument("--expert", choices=["lowrank", "full"], default=d.expert, help="personalized expert storage")
     p.add_argument("--rank", type=int, default=d.rank, help="rank of a lowrank expert")
     p.add_argument("--resolution", type=int, default=d.resolution, help="training image size (multiple of 64)")
@@ -85,9 +86,17 @@ def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="write a sample image every N steps")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="every N steps, the before/after evaluation of summary.json (share AUROC, change inside/"
+                        "outside the subjects) on the same examples, into eval_log.csv (0: only at the ends)")
     p.add_argument("--estimate", type=int, nargs="?", const=3, default=d.estimate, metavar="STEPS",
                    help="time STEPS (3) real training steps with these options and print seconds per step, peak "
                         "memory, the time for --steps and what to change if it does not fit; trains nothing")
+    p.add_argument("--cache-only", action="store_true",
+                   help="encode the dataset into the encoder cache ($MOA_CACHE_DIR) and exit; under torchrun or "
+                        "accelerate each process fills its share")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="DataLoader worker processes decoding images, masks and references (0: in this process)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--force", action="store_true", help="start over in a non-empty --output-dir")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
@@ -99,8 +108,10 @@ def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.estimate < 0 or ns.max_subjects < 1:
-        parser.error("--estimate takes a number of steps >= 0 and --max-subjects a number >= 1")
+    if ns.estimate < 0 or ns.max_subjects < 1 or ns.workers < 0:
+        parser.error("--estimate takes a number of steps >= 0, --max-subjects a number >= 1, --workers >= 0")
+    if ns.output_dir is None and not ns.cache_only:
+        parser.error("--output-dir is required (but with --cache-only)")
     cfg = TrainConfig(**{k: v for k, v in vars(ns).items()})
     cfg.coco_labels = tuple(cfg.coco_labels)
     return cfg

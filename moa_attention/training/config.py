@@ -1,10 +1,16 @@
 """Every option of a training run, with the defaults the CLI shows."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TIMESTEP_BIASES = ("uniform", "cubic")
+
+
+def default_workers() -> int:
+    """DataLoader workers decoding the dataset: up to 4, leaving a core to the encoders."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 @dataclass
@@ -12,7 +18,7 @@ class TrainConfig:
     base: Path                                   # SD1.5 checkpoint (.safetensors), loaded by ComfyUI
     clip_vision: Path                            # CLIP ViT-L/14 vision model, loaded by ComfyUI
     data: Path                                   # dataset folder: manifest.jsonl, or FastComposer's layout
-    output_dir: Path
+    output_dir: Path | None                      # None only with --cache-only
     split: str = "train"                         # FastComposer layout: image_ids_<split>.txt ("all": image_ids.txt)
     coco_labels: tuple[str, ...] = ("person",)   # FastComposer layout: segments that are subjects
     max_subjects: int = 4                        # FastComposer layout: subjects per image at most
@@ -46,8 +52,11 @@ class TrainConfig:
     sample_every: int = 0                        # 0 = no sample images
     sample_steps: int = 20
     log_every: int = 1
+    eval_every: int = 0                          # > 0: evaluate() every N steps into eval_log.csv
     resume: bool = False
     estimate: int = 0                            # > 0: time this many steps, report the run's cost, train nothing
+    cache_only: bool = False                     # fill the encoder cache (this rank's shard) and stop
+    workers: int = field(default_factory=default_workers)   # DataLoader workers decoding images (0: in-process)
     force: bool = False
     device: str = "auto"
     comfyui: Path | None = None

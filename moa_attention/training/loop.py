@@ -1,7 +1,9 @@
 """The MoA training loop, on the same MoAAttention/MoAAdapter modules the nodes run.
 
-The frozen encoders run once, before the loop (encode.py), so each step only runs the UNet
-with its MoA layers (step.py). Rank 0 writes everything: log, checkpoints, samples, adapter.
+The frozen encoders run once per example, before the loop, into a cache on disk (cache.py:
+decoding in DataLoader workers, the encoders in this process, sharded over the processes), so
+each step only reads its examples and runs the UNet with its MoA layers (step.py). Rank 0
+writes everything: log, checkpoints, samples, adapter.
 The caller's UNet is borrowed (unet.py): however training ends, it comes back as it came.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,16 +32,19 @@ from ..engine.adapter_file import load_adapter, save_adapter
 from ..engine.attention_fn import sdpa_attention
 from ..engine.errors import ModelMismatchError, MoAError, MoAInputError
 from ..engine.layer import moa_layers
+from .cache import cache_paths, cached_examples, fill_cache, wait_for_files
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
 from .dataset import Record, read_dataset
-from .encode import Example, encoded_examples
+from .encode import Example
 from .sampling import write_sample
 from .step import AUROC_MAX_T, MoATrainStep, draw, evaluate
 from .unet import borrowed_unet, checkpointed_blocks
 
 LOG_FIELDS = ["step", "loss", "denoise", "router", "subject_route", "object", "effect", "subject_x0", "effect_x0",
               "mask_routed", "bg_share", "fg_share", "share_auroc", "lr", "seconds"]
+
+EVAL_FIELDS = ["step", "loss", "share_auroc", "fg_share", "bg_share", "change_in", "change_out"]
 
 Sampler = Callable[[MoAAdapter, int], None]
 
@@ -76,7 +82,8 @@ def prepare_output(cfg: TrainConfig, rank: int) -> None:
         if not cfg.force:
             raise MoAInputError(f"{out} is not empty: pass --resume to continue that run or --force to start over "
                                 f"(which deletes its checkpoints, samples and log)")
-        for child in ("checkpoints", "samples", "loss_log.csv", "adapter.safetensors", "config.json", "summary.json"):
+        for child in ("checkpoints", "samples", "loss_log.csv", "eval_log.csv", "adapter.safetensors", "config.json",
+                      "summary.json"):
             p = out / child
             if p.is_dir():
                 shutil.rmtree(p)
@@ -106,18 +113,28 @@ def dataset_records(cfg: TrainConfig) -> list[Record]:
 
 def run(cfg: TrainConfig) -> int:
     """The command line's run: load the checkpoint with ComfyUI (started by the caller, see
-    comfyui.bootstrap), encode the dataset (cached), then train_adapter() on it."""
+    comfyui.bootstrap), fill the encoder cache (each process its shard) and wait for the others'
+    shards, then train_adapter() on the cached examples; with --cache-only, stop after filling."""
     rank, world, local_rank = dist_info()
     device = training_device(cfg, local_rank)
-    _join_process_group(world, device)
-    prepare_output(cfg, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)     # ComfyUI runs the encoders on the current CUDA device: this process's
+    if not cfg.cache_only:
+        prepare_output(cfg, rank)
     records = dataset_records(cfg)
     for label, path in (("--base", cfg.base), ("--clip-vision", cfg.clip_vision)):
         require_file(path, label)         # both, before minutes of loading
     model, clip, vae = load_sd15_checkpoint(cfg.base, "--base")
     clip_vision = load_clip_vision(cfg.clip_vision, "--clip-vision")
     image_encoder = image_encoder_of(clip_vision, "--clip-vision")
-    examples = encoded_examples(cfg, records, model, clip, vae, clip_vision, show=rank == 0)
+    filled = fill_cache(cfg, records, (model, clip, vae, clip_vision), rank, world, show=rank == 0)
+    print(filled.summary(rank, world), flush=True)
+    if cfg.cache_only:
+        return 0
+    # the other processes' shards, before joining the group: a long encoding never meets its timeout
+    wait_for_files(cache_paths(cfg, records), "the other processes' shards of the encoder cache", show=rank == 0)
+    _join_process_group(world, device)
+    examples = cached_examples(cfg, records)
     return train_adapter(cfg, model.model.diffusion_model, alphas_cumprod(model.model), examples, device,
                          sampler=_sampler(cfg, model, vae, examples[0], device), image_encoder=image_encoder)
 
@@ -156,8 +173,8 @@ class _Training:
 
 
 def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: torch.Tensor,
-                  examples: list[Example], device: torch.device | str, sampler: Sampler | None = None,
-                  eval_examples: list[Example] | None = None,
+                  examples: Sequence[Example], device: torch.device | str, sampler: Sampler | None = None,
+                  eval_examples: Sequence[Example] | None = None,
                   image_encoder: tuple[str, int] = (IMAGE_ENCODER_CLIP_L14, 768)) -> int:
     """Train (or --resume) a MoA adapter on pre-encoded examples: the loop `run` drives, callable
     directly (the toy-world experiment does) with any SD1.5-architecture diffusion model and its
@@ -177,15 +194,17 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
         _make_run_folders(cfg.output_dir)
     with borrowed_unet(diffusion_model, device) as unet:
         adapter, resume_from = _start_adapter(cfg, unet, device, rank, image_encoder)
-        _check_image_features(adapter, examples + list(eval_examples or []))
+        _check_image_features(adapter, [*_checked(examples), *_checked(eval_examples or [])])
         with moa_layers(unet, adapter, sdpa_attention), checkpointed_blocks(unet, cfg.gradient_checkpointing):
             training = prepare_run(cfg, adapter, unet, alphas_cumprod, device, rank, world, resume_from)
             if rank == 0:
                 (cfg.output_dir / "config.json").write_text(json.dumps(adapter.config.training, indent=2))
             eval_set = eval_examples or examples
             eval_before = evaluate(training.plain_step, eval_set, cfg, device) if rank == 0 else {}
+            if rank == 0 and cfg.eval_every and training.step == 0:
+                _log_eval(cfg, 0, eval_before)
             try:
-                _train_steps(training, examples, sampler)
+                _train_steps(training, examples, sampler, eval_set)
             except KeyboardInterrupt:
                 _keep_interrupted(training)
                 return 130
@@ -227,7 +246,13 @@ def _check_resumed_encoder(adapter: MoAAdapter, image_encoder: tuple[str, int], 
             f"--clip-vision, or train into a new --output-dir")
 
 
-def _check_image_features(adapter: MoAAdapter, examples: list[Example]) -> None:
+def _checked(examples: Sequence[Example]) -> Sequence[Example]:
+    """The examples whose features are checked: all of a list, the first of a cached set (one
+    encoder made them all: the cache key holds --clip-vision)."""
+    return examples if isinstance(examples, list) else examples[:1]
+
+
+def _check_image_features(adapter: MoAAdapter, examples: Sequence[Example]) -> None:
     """The encoded subjects' features must be as wide as the adapter's image input."""
     config = adapter.config
     for example in examples:
@@ -255,7 +280,8 @@ def prepare_run(cfg: TrainConfig, adapter: MoAAdapter, unet: nn.Module, alphas_c
     return _Training(cfg, adapter, step_module, optimizer, names, device, rank, world, autocast, scaler, start)
 
 
-def _train_steps(training: _Training, examples: list[Example], sampler: Sampler | None) -> None:
+def _train_steps(training: _Training, examples: Sequence[Example], sampler: Sampler | None,
+                 eval_set: Sequence[Example] = ()) -> None:
     """Optimizer steps until cfg.steps, each logged, checkpointed and sampled as configured."""
     from tqdm import tqdm
     cfg = training.cfg
@@ -273,10 +299,10 @@ def _train_steps(training: _Training, examples: list[Example], sampler: Sampler 
             if not math.isfinite(totals["loss"]):
                 raise NonFiniteLossError(f"loss became {totals['loss']} at step {training.step}: lower --lr or use "
                                          f"--mixed-precision no")
-            _save_and_sample(training, sampler)
+            _save_and_sample(training, sampler, eval_set)
 
 
-def one_step(training: _Training, examples: list[Example], shape: tuple) -> dict[str, float]:
+def one_step(training: _Training, examples: Sequence[Example], shape: tuple) -> dict[str, float]:
     """One optimizer step over cfg.grad_accum micro-batches; the loss terms averaged (over ranks too)."""
     cfg = training.cfg
     training.optimizer.zero_grad(set_to_none=True)
@@ -300,10 +326,13 @@ def one_step(training: _Training, examples: list[Example], shape: tuple) -> dict
     return totals
 
 
-def _save_and_sample(training: _Training, sampler: Sampler | None) -> None:
+def _save_and_sample(training: _Training, sampler: Sampler | None, eval_set: Sequence[Example] = ()) -> None:
+    """Rank 0, after a step: the checkpoint, sample and evaluation that fall on it."""
     cfg = training.cfg
     if training.rank != 0:
         return
+    if cfg.eval_every and eval_set and training.step % cfg.eval_every == 0:
+        _log_eval(cfg, training.step, evaluate(training.plain_step, eval_set, cfg, training.device))
     if cfg.checkpoint_every and training.step % cfg.checkpoint_every == 0:
         save_checkpoint(cfg.output_dir, training.adapter, training.optimizer, training.names, training.step, cfg.keep_checkpoints)
     if sampler and cfg.sample_every and training.step % cfg.sample_every == 0:
@@ -316,6 +345,18 @@ def _keep_interrupted(training: _Training) -> None:
         cfg = training.cfg
         d = save_checkpoint(cfg.output_dir, training.adapter, training.optimizer, training.names, training.step, cfg.keep_checkpoints)
         print(f"\ninterrupted at step {training.step}: checkpoint kept in {d}; continue with --resume")
+
+
+def _log_eval(cfg: TrainConfig, step: int, totals: dict[str, float]) -> None:
+    """A row of eval_log.csv: the fixed-noise evaluation of summary.json (step 0: before
+    training), so the share's AUROC and the change inside/outside the subjects can be watched."""
+    path = cfg.output_dir / "eval_log.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=EVAL_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({"step": step, **{k: f"{totals[k]:.6g}" for k in EVAL_FIELDS[1:]}})
 
 
 class _LossLog:
@@ -357,7 +398,7 @@ def _mean_over_ranks(totals: dict[str, float], device: torch.device) -> dict[str
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def _finish(training: _Training, eval_set: list[Example], eval_before: dict[str, float]) -> None:
+def _finish(training: _Training, eval_set: Sequence[Example], eval_before: dict[str, float]) -> None:
     """Rank 0 after the last step: final checkpoint, adapter file, summary.json."""
     cfg, step = training.cfg, training.step
     if not cfg.checkpoint_every or step % cfg.checkpoint_every:
@@ -367,6 +408,8 @@ def _finish(training: _Training, eval_set: list[Example], eval_before: dict[str,
                "eval_before": eval_before,
                "eval_after": evaluate(training.plain_step, eval_set, cfg, training.device)}
     (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.eval_every and step % cfg.eval_every:
+        _log_eval(cfg, step, summary["eval_after"])
     after = summary["eval_after"]
     print(f"wrote {final} after {step} steps; eval loss {eval_before.get('loss', float('nan')):.4f} -> "
           f"{after['loss']:.4f}; personalized share inside/outside the subjects {after['fg_share']:.3f}/"

@@ -5,6 +5,7 @@ process takes its own slice: N processes with batch b train on exactly what one 
 batch N*b would, and a resumed run draws exactly what the interrupted one would have drawn."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,7 +153,7 @@ AUROC_MAX_T = 600
 
 
 @torch.no_grad()
-def evaluate(step_module: "MoATrainStep", examples: list[Example], cfg: TrainConfig, device,
+def evaluate(step_module: "MoATrainStep", examples: Sequence[Example], cfg: TrainConfig, device,
              limit: int | None = None) -> dict[str, float]:
     """Losses and disentanglement numbers on fixed noise and timesteps: comparable before/after.
 
