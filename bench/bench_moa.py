@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Cost of MoA on a full-size SD1.5 UNet (random weights), measured inside ComfyUI.
+"""Cost of MoA on a full-size SD1.5 or SDXL UNet (random weights), measured inside ComfyUI.
 
-One process builds the SD1.5 UNet architecture (859.5M params, random weights, fp32) with
-ComfyUI's own classes, then samples 1 step (cfg > 1, so cond + uncond run as one batch-2 UNet
+One process builds the SD1.5 UNet architecture (859.5M params, random weights, fp32), or with
+--base sdxl the SDXL base UNet (2.57B params), with ComfyUI's own classes, then samples 1 step (cfg > 1, so cond + uncond run as one batch-2 UNet
 call) on each configuration (unpatched, soft/<expert>, hard/<expert>: see unet.py),
 interleaved, `--repeats` times; with --sparse-threshold also sparse/<expert> (sparse soft routing),
 and with --router-share-profile toy the soft routers' shares spread as a trained router's.
@@ -17,6 +17,7 @@ extra time goes (router, expert, mix), from torch.profiler regions (timing.py).
     .venv/bin/python bench/bench_moa.py                    # full SD1.5, lowrank r64, minutes on a CPU
     .venv/bin/python bench/bench_moa.py --expert both      # + full experts
     .venv/bin/python bench/bench_moa.py --sparse-threshold 0.05 --router-share-profile toy
+    .venv/bin/python bench/bench_moa.py --base sdxl --size 1024 --memory rss   # SDXL, ~11 GiB of weights
 
 Results and how to read them: bench/README.md.
 """
@@ -39,8 +40,11 @@ from unet import (COMFY_DIR, ComfyUIMissing, adapter_bytes, build_configs, impor
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", choices=("sd15", "sdxl"), default="sd15",
+                    help="the UNet architecture: SD1.5, or the SDXL base (2048-wide prompts with a pooled output)")
     ap.add_argument("--quick", action="store_true", help="tiny UNet (model_channels 32, 2 levels) at 128 px: a smoke run")
-    ap.add_argument("--size", type=int, default=None, help="image size in pixels (latent = size/8); default 512, 128 with --quick")
+    ap.add_argument("--size", type=int, default=None,
+                    help="image size in pixels (latent = size/8); default 512 (SDXL 1024), 128 with --quick")
     ap.add_argument("--steps", type=int, default=1, help="sampling steps per measurement (1 step = 1 batch-2 UNet call)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the median is reported")
     ap.add_argument("--expert", choices=("lowrank", "full", "both"), default="lowrank")
@@ -58,7 +62,7 @@ def parse_args() -> argparse.Namespace:
                     help="tensor high-water tracking (a Python hook on every op, slow): in one extra untimed step "
                          "per configuration (default), inside the timed steps, or not at all (RSS only)")
     args = ap.parse_args()
-    args.size = args.size or (128 if args.quick else 512)
+    args.size = args.size or (128 if args.quick else 1024 if args.base == "sdxl" else 512)
     if args.size % 8:
         ap.error("--size must be a multiple of 8")
     if not 0.0 <= args.sparse_threshold <= 0.5:
@@ -74,18 +78,21 @@ class Bench:
         self.args, self.latent = args, args.size // 8
         self.nodes = import_comfy()
         import_pack()
-        from support.model_factory import build_sd15_model_patcher
+        from support.model_factory import build_sd15_model_patcher, build_sdxl_model_patcher
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.manual_seed(0)
         self.rss = PeakRSS()
-        print(f"building the {'tiny' if args.quick else 'full-size SD1.5'} UNet (random weights, fp32) ...", flush=True)
+        label = "SDXL" if args.base == "sdxl" else "SD1.5"
+        print(f"building the {'tiny' if args.quick else 'full-size'} {label} UNet (random weights, fp32) ...", flush=True)
         t0 = time.perf_counter()
-        base = build_sd15_model_patcher(unet_config(args.quick), seed=0, dtype=torch.float32)
+        config = unet_config(args.quick, args.base)
+        base = (build_sdxl_model_patcher(config, seed=0, head_channels=32 if args.quick else 64, dtype=torch.float32)
+                if args.base == "sdxl" else build_sd15_model_patcher(config, seed=0, dtype=torch.float32))
         dm = base.get_model_object("diffusion_model")
         print(f"  {sum(p.numel() for p in dm.parameters()) / 1e6:.1f}M params in {time.perf_counter() - t0:.1f} s",
               flush=True)
-        self.cond = make_conditioning(self.latent, args.personal_fraction, args.router_share_profile)
+        self.cond = make_conditioning(self.latent, args.personal_fraction, args.router_share_profile, args.base)
         print_share_profile(self.cond.soft_region, args.sparse_threshold)
         adapters, self.adapter_sizes = {}, {}
         for ex in (["lowrank", "full"] if args.expert == "both" else [args.expert]):
@@ -169,7 +176,7 @@ def main() -> int:
         return 1
     import torch
     names = list(bench.configs)
-    print(f"\n{len(names)} configurations x {args.repeats} repeats, {args.steps} step(s) each, "
+    print(f"\n{args.base}: {len(names)} configurations x {args.repeats} repeats, {args.steps} step(s) each, "
           f"{args.size}x{args.size} px (latent {bench.latent}x{bench.latent}), batch 2 (cond+uncond), fp32, "
           f"{torch.get_num_threads()} threads, SDPA; load avg {os.getloadavg()[0]:.2f}", flush=True)
     if args.warmup != "none":

@@ -98,7 +98,7 @@ def setup(args: argparse.Namespace, tmp: Path):
     import_pack()
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    from comfyui_moa.moa_attention.comfyui.loading import load_clip_vision, load_sd15_checkpoint
+    from comfyui_moa.moa_attention.comfyui.loading import load_base_checkpoint, load_clip_vision
     from comfyui_moa.moa_attention.training.config import TrainConfig
     from comfyui_moa.moa_attention.training.dataset import read_dataset
     info = prepare_models_tree(tmp / "base")
@@ -108,7 +108,7 @@ def setup(args: argparse.Namespace, tmp: Path):
         data = write_dataset(tmp / "data", n=args.examples, size=args.size)
     records, problems = read_dataset(data, augmented=True, thorough=False)     # as the trainer reads it
     assert not problems and len(records) == args.examples, problems
-    model, clip, vae = load_sd15_checkpoint(info["checkpoint_path"])
+    model, clip, vae, _ = load_base_checkpoint(info["checkpoint_path"])
     encoders = (model, clip, vae, load_clip_vision(info["clip_vision_path"]))
     cfg = TrainConfig(info["checkpoint_path"], info["clip_vision_path"], data, None, resolution=args.resolution)
     return cfg, records, encoders

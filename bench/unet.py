@@ -1,5 +1,5 @@
-"""The models the bench samples: an SD1.5 UNet built with ComfyUI's classes (random weights,
-fp32) and, from it, the configurations
+"""The models the bench samples: an SD1.5 or SDXL UNet built with ComfyUI's classes (random
+weights, fp32) and, from it, the configurations
 
     unpatched            the plain model
     soft/<expert>        MoA, soft routing, no region: every pixel of the cond row is mixed
@@ -40,10 +40,13 @@ def import_comfy():
     return nodes
 
 
-def unet_config(quick: bool) -> dict:
+def unet_config(quick: bool, base: str = "sd15") -> dict:
     """comfy/model_detection.py's SD15 dict (the real SD1.5 UNet, 859.5M params) without dtype,
-    or with --quick a tiny one (model_channels 32, 2 levels)."""
-    from support.model_factory import tiny_unet_config
+    or with --quick a tiny one (model_channels 32, 2 levels); with base "sdxl" its SDXL dict
+    (the real SDXL base UNet, 2.57B params) or test_sdxl.py's tiny SDXL-shaped one."""
+    from support.model_factory import sdxl_unet_config, tiny_sdxl_unet_config, tiny_unet_config
+    if base == "sdxl":
+        return tiny_sdxl_unet_config() if quick else sdxl_unet_config()
     if quick:
         return tiny_unet_config(model_channels=32, levels=2, transformer_depth_middle=True)
     cfg = tiny_unet_config(model_channels=320, levels=4, transformer_depth_middle=True)
@@ -116,26 +119,32 @@ def share_profile_mask(latent: int, profile=TOY_SHARE_PROFILE, seed: int = 0):
 
 @dataclass
 class Conditioning:
-    plain: object           # [77, 768] what the sampler's positive prompt is
-    fused: object           # [77, 768] the same prompt with two "subject" tokens changed
+    plain: object           # [77, D] what the sampler's positive prompt is (D: 768, SDXL 2048)
+    fused: object           # [77, D] the same prompt with two "subject" tokens changed
     positive: list          # ComfyUI CONDITIONING
     negative: list
     region: object          # [latent, latent] hard routing's region
     soft_region: object = None  # [latent, latent] soft/sparse routing's share profile; None = share ~1 everywhere
 
 
-def make_conditioning(latent: int, personal_fraction: float, share_profile: str = "uniform") -> Conditioning:
+def make_conditioning(latent: int, personal_fraction: float, share_profile: str = "uniform",
+                      base: str = "sd15") -> Conditioning:
     """Positive == binding.plain exactly (so MoA matches the cond row); negative another prompt;
-    share_profile "toy" gives soft routing TOY_SHARE_PROFILE's shares, "uniform" none."""
+    share_profile "toy" gives soft routing TOY_SHARE_PROFILE's shares, "uniform" none. On SDXL
+    the prompts are 2048 wide and carry a pooled output, as CLIPTextEncode's do."""
     import torch
     g = torch.Generator().manual_seed(123)
-    plain = torch.randn(77, 768, generator=g)
+    width = 2048 if base == "sdxl" else 768
+    plain = torch.randn(77, width, generator=g)
     fused = plain.clone()
-    fused[5:7] += torch.randn(2, 768, generator=g)
-    negative = [[torch.randn(1, 77, 768, generator=g), {}]]
+    fused[5:7] += torch.randn(2, width, generator=g)
+    negative = torch.randn(1, 77, width, generator=g)
+
+    def extra() -> dict:
+        return {"pooled_output": torch.randn(1, 1280, generator=g)} if base == "sdxl" else {}
     soft_region = share_profile_mask(latent) if share_profile == "toy" else None
-    return Conditioning(plain, fused, [[plain[None].clone(), {}]], negative, region_mask(latent, personal_fraction),
-                        soft_region)
+    return Conditioning(plain, fused, [[plain[None].clone(), extra()]], [[negative, extra()]],
+                        region_mask(latent, personal_fraction), soft_region)
 
 
 def build_configs(base, adapters: dict, cond: Conditioning, instruments, sparse_threshold: float = 0.0) -> dict:

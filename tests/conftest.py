@@ -4,6 +4,8 @@
   its built-in nodes registered, and this pack imported as the package `comfyui_moa` (its only
   name in a test session: a top-level `moa_attention` import is refused).
 - `tiny_model`: a 2-level SD1.5-architecture UNet (model_channels 32) built without files.
+- `sdxl_model`, `sdxl_clip`, `tiny_vision` (session): a tiny SDXL-architecture MODEL, an SDXL
+  CLIP (clip_l + clip_g, shallow) and a shallow CLIP ViT-L/14 vision model, built in-process.
 - `models_base` (session): a ComfyUI base directory with real .safetensors files in models/.
 - `server_inputs` (session): photos + masks in the base's input/ and a tiny adapter in models/moa.
 - `server` (session): ComfyUI's main.py on a free loopback port with the pack in custom_nodes.
@@ -70,6 +72,24 @@ def tiny_unet_config():
 def tiny_model(comfy, tiny_unet_config):
     from support.model_factory import build_sd15_model_patcher
     return build_sd15_model_patcher(tiny_unet_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(comfy):
+    from support.model_factory import build_sdxl_model_patcher, tiny_sdxl_unet_config
+    return build_sdxl_model_patcher(tiny_sdxl_unet_config())
+
+
+@pytest.fixture(scope="session")
+def sdxl_clip(comfy):
+    from support.model_factory import build_tiny_clip
+    return build_tiny_clip("sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(comfy):
+    from support.model_factory import build_tiny_clip_vision
+    return build_tiny_clip_vision("clip_vision_config_vitl.json", layers=2)   # encode_image reads layer -2
 
 
 @pytest.fixture(scope="session")

@@ -13,27 +13,21 @@ ADAPTER_NAME = "subject_sd15.safetensors"
 
 
 @pytest.fixture(scope="module")
-def sdxl_model(comfy):
-    from support.model_factory import build_sdxl_model_patcher, tiny_sdxl_unet_config
-    return build_sdxl_model_patcher(tiny_sdxl_unet_config())
-
-
-@pytest.fixture(scope="module")
 def refiner_model(comfy):
     from support.model_factory import build_sdxl_model_patcher, tiny_sdxl_unet_config
     return build_sdxl_model_patcher(tiny_sdxl_unet_config(refiner=True))
 
 
 @pytest.fixture(scope="module")
-def clips(comfy):
+def clips(comfy, sdxl_clip):
     from support.model_factory import build_tiny_clip
-    return {base: build_tiny_clip(base) for base in ("sd15", "sdxl", "sdxl_refiner")}
+    return {"sd15": build_tiny_clip("sd15"), "sdxl": sdxl_clip, "sdxl_refiner": build_tiny_clip("sdxl_refiner")}
 
 
 @pytest.fixture(scope="module")
-def vision(comfy):
+def vision(comfy, tiny_vision):
     from support.model_factory import build_tiny_clip_vision
-    return {"vitl": build_tiny_clip_vision("clip_vision_config_vitl.json"),
+    return {"vitl": tiny_vision,
             "vith": build_tiny_clip_vision("clip_vision_config_h.json"),
             "vitl336": build_tiny_clip_vision("clip_vision_config_vitl_336.json")}
 
@@ -114,18 +108,26 @@ def test_the_refiner_is_refused_by_name(refiner_model, clips, sd15_adapter, subj
         apply(refiner_model, sd15_adapter, clips["sd15"], None, subjects)
 
 
-def test_the_trainer_refuses_an_sdxl_base(pack, tiny_model, sdxl_model, refiner_model):
-    """What load_sd15_checkpoint (the trainer's --base) checks: MoA Apply runs SDXL adapters, the
-    trainer cannot make them yet, and says so."""
+def test_the_trainer_takes_sd15_and_sdxl_and_refuses_the_refiner_and_v_prediction(pack, tiny_model, sdxl_model,
+                                                                                    refiner_model):
+    """What load_base_checkpoint (the trainer's --base) checks: the bases MoA Apply runs, predicting
+    the noise; a v-prediction SDXL fine-tune is refused by name, not trained on the wrong target."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from support.model_factory import tiny_sdxl_unet_config
+
     from comfyui_moa.moa_attention.comfyui.models import check_training_base
     from comfyui_moa.moa_attention.engine import bases
-    with pytest.raises(ValueError, match=r"^model is SDXL, an SDXL \(context 2048, y 2816\) model: training SDXL "
-                                         r"adapters is not supported yet \(MoA Apply runs them\)\. Train on an "
-                                         r"SD1\.5 checkpoint$"):
-        check_training_base(sdxl_model)
-    with pytest.raises(ValueError, match=r"^model is SDXLRefiner, the SDXL refiner"):
-        check_training_base(refiner_model)
     assert check_training_base(tiny_model) is bases.SD15
+    assert check_training_base(sdxl_model) is bases.SDXL
+    with pytest.raises(ValueError, match=r"^model is SDXLRefiner, the SDXL refiner \(context 1280, y 2560\): MoA "
+                                         r"does not run on the refiner"):
+        check_training_base(refiner_model)
+    v_pred = comfy.supported_models.SDXL(tiny_sdxl_unet_config()).get_model({"v_pred": torch.zeros(())})
+    with pytest.raises(ValueError, match=r"^model is SDXL with prediction type V_PREDICTION: the trainer trains on "
+                                         r"noise-predicting \(EPS\) checkpoints only, as the SD1\.5 and SDXL base "
+                                         r"releases are\. Train on an EPS checkpoint"):
+        check_training_base(comfy.model_patcher.ModelPatcher(v_pred, "cpu", "cpu"))
 
 
 # --------------------------------------------------------------------------- text encoders

@@ -51,9 +51,9 @@ def test_a_process_waits_for_the_shards_the_others_write(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def encoders(models_base, comfy):
-    from comfyui_moa.moa_attention.comfyui.loading import load_clip_vision, load_sd15_checkpoint
+    from comfyui_moa.moa_attention.comfyui.loading import load_base_checkpoint, load_clip_vision
     _, info = models_base
-    model, clip, vae = load_sd15_checkpoint(info["checkpoint_path"])
+    model, clip, vae, _ = load_base_checkpoint(info["checkpoint_path"])
     return info, (model, clip, vae, load_clip_vision(info["clip_vision_path"]))
 
 

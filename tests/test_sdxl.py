@@ -15,24 +15,6 @@ PROMPT = "a photo of a man at the beach"
 
 
 @pytest.fixture(scope="module")
-def sdxl_model(comfy):
-    from support.model_factory import build_sdxl_model_patcher, tiny_sdxl_unet_config
-    return build_sdxl_model_patcher(tiny_sdxl_unet_config())
-
-
-@pytest.fixture(scope="module")
-def sdxl_clip(comfy):
-    from support.model_factory import build_tiny_clip
-    return build_tiny_clip("sdxl")
-
-
-@pytest.fixture(scope="module")
-def vision(comfy):
-    from support.model_factory import build_tiny_clip_vision
-    return build_tiny_clip_vision("clip_vision_config_vitl.json", layers=2)   # encode_image reads layer -2
-
-
-@pytest.fixture(scope="module")
 def subjects(comfy):
     from comfyui_moa.nodes.subject import MoASubject
     return MoASubject().build(torch.rand(1, 64, 64, 3), "man", mask=torch.ones(1, 64, 64))[0]
@@ -287,7 +269,7 @@ def _apply(model, adapter, clip, vision, subjects, strength=1.0):
     return MoAApply().apply(model, adapter, clip, vision, subjects, PROMPT, strength, 0.0, 1.0, "soft")
 
 
-def test_moa_apply_and_router_maps_on_sdxl_end_to_end(comfy, sdxl_model, sdxl_clip, vision, subjects):
+def test_moa_apply_and_router_maps_on_sdxl_end_to_end(comfy, sdxl_model, sdxl_clip, tiny_vision, subjects):
     """The SDXL CLIP's conditioning, pooled output included, goes to the sampler as CLIPTextEncode
     makes it; only the class word's row of the personalized context is fused, in both slices."""
     from comfyui_moa.moa_attention.comfyui.adapters import LoadedAdapter
@@ -295,7 +277,7 @@ def test_moa_apply_and_router_maps_on_sdxl_end_to_end(comfy, sdxl_model, sdxl_cl
     encode = comfy[0].CLIPTextEncode()
     plain, negative = encode.encode(sdxl_clip, PROMPT)[0], encode.encode(sdxl_clip, "")[0]
     adapter = LoadedAdapter(trained_looking(sdxl_model), "subject_sdxl.safetensors")
-    model, positive = _apply(sdxl_model, adapter, sdxl_clip, vision, subjects)
+    model, positive = _apply(sdxl_model, adapter, sdxl_clip, tiny_vision, subjects)
     assert torch.equal(positive[0][0], plain[0][0])
     assert torch.equal(positive[0][1]["pooled_output"], plain[0][1]["pooled_output"])
     binding = model.get_attachment("moa").bindings[0]
@@ -311,14 +293,14 @@ def test_moa_apply_and_router_maps_on_sdxl_end_to_end(comfy, sdxl_model, sdxl_cl
     assert mask.shape == (1, 128, 128) and overlay.shape == (1, 128, 128, 3)
     assert mask.min().item() == pytest.approx(1.0)                          # every pixel routed to the subject
 
-    zero, positive0 = _apply(sdxl_model, adapter, sdxl_clip, vision, subjects, strength=0.0)
+    zero, positive0 = _apply(sdxl_model, adapter, sdxl_clip, tiny_vision, subjects, strength=0.0)
     assert torch.equal(sample(comfy, zero, positive0, negative), base)
 
 
-def test_moa_apply_refuses_an_sdxl_adapter_with_the_sd15_clip(comfy, sdxl_model, vision, subjects):
+def test_moa_apply_refuses_an_sdxl_adapter_with_the_sd15_clip(comfy, sdxl_model, tiny_vision, subjects):
     from comfyui_moa.moa_attention.comfyui.adapters import LoadedAdapter
     from support.model_factory import build_tiny_clip
     adapter = LoadedAdapter(fresh_adapter(sdxl_model), "subject_sdxl.safetensors")
     with pytest.raises(ValueError, match=r"^MoA Apply: clip is the SD1\.5 text encoder \(clip_l 768\), but MoA here "
                                          r"needs the SDXL one \(clip_l 768 \+ clip_g 1280\)"):
-        _apply(sdxl_model, adapter, build_tiny_clip("sd15"), vision, subjects)
+        _apply(sdxl_model, adapter, build_tiny_clip("sd15"), tiny_vision, subjects)

@@ -14,19 +14,20 @@ def require_file(path: Path, label: str) -> None:
         raise MoAInputError(f"{label}: file not found: {path}")
 
 
-def load_sd15_checkpoint(path: Path, label: str = "checkpoint") -> tuple:
-    """(MODEL, CLIP, VAE) of a full SD1.5 checkpoint, as Load Checkpoint gives them; the trainer's
-    --base, so any other base is refused (check_training_base)."""
+def load_base_checkpoint(path: Path, label: str = "checkpoint") -> tuple:
+    """(MODEL, CLIP, VAE, Base) of a full SD1.5 or SDXL checkpoint, as Load Checkpoint gives them;
+    the trainer's --base, so the refiner, other models and non-EPS ones are refused
+    (check_training_base)."""
     import comfy.sd
     require_file(path, label)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-    if clip is None:
-        raise ModelMismatchError(f"{label} {path} has no text encoder: use a full SD1.5 checkpoint")
     try:
-        check_training_base(model)
+        base = check_training_base(model)
     except ModelMismatchError as e:
         raise ModelMismatchError(f"{label} {path}: {e}") from None
-    return model, clip, vae
+    if clip is None:
+        raise ModelMismatchError(f"{label} {path} has no text encoder: use a full {base.label} checkpoint")
+    return model, clip, vae, base
 
 
 def load_clip_vision(path: Path, label: str = "clip vision"):

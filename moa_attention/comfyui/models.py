@@ -55,14 +55,26 @@ def check_model_base(model, base: str = SD15.name, adapter_name: str | None = No
 
 
 def check_training_base(model) -> Base:
-    """What the trainer accepts as --base: SD1.5 only for now. An SDXL model, which MoA Apply
-    runs, is refused by name rather than as "not SD1.5", so the user knows what is missing."""
+    """What the trainer accepts as --base: a base model MoA runs on (SD1.5 or SDXL; the refiner
+    and other models refused by name) that predicts the noise (eps). Returns its base."""
     found = model_base(model)
-    if found is not None and found is not SD15 and found.supported:
-        name, _ = _unet_config(model)
-        raise ModelMismatchError(f"model is {name}, an {found.describe()} model: training {found.label} adapters is "
-                                 f"not supported yet (MoA Apply runs them). Train on an {SD15.label} checkpoint")
-    return check_model_base(model, SD15.name)
+    base = check_model_base(model, found.name if found is not None and found.supported else SD15.name)
+    check_prediction_type(model)
+    return base
+
+
+def check_prediction_type(model) -> None:
+    """Refuse a model that does not predict the noise: the trainer's losses compare the UNet's
+    output with the noise drawn (eps), which a v-prediction fine-tune does not output."""
+    import comfy.model_base
+    model_type = getattr(getattr(model, "model", model), "model_type", None)
+    if model_type is comfy.model_base.ModelType.EPS:
+        return
+    name, _ = _unet_config(model)
+    kind = getattr(model_type, "name", str(model_type))
+    raise ModelMismatchError(f"model is {name} with prediction type {kind}: the trainer trains on noise-predicting "
+                             f"(EPS) checkpoints only, as the SD1.5 and SDXL base releases are. Train on an EPS "
+                             f"checkpoint; the adapter then runs on fine-tunes of the same base in MoA Apply")
 
 
 def text_streams(clip) -> dict[str, int]:

@@ -17,6 +17,21 @@ def image_to_latent(model, vae, images: torch.Tensor) -> torch.Tensor:
     return model.model.process_latent_in(vae.encode(images))
 
 
+def unet_y(model, conditioning: list, width: int, height: int) -> torch.Tensor | None:
+    """[D] the `y` vector `model`'s UNet takes with the first entry of `conditioning` on a width x
+    height picture (SDXL: the pooled text and six size embeddings, 2816 wide), made by ComfyUI's
+    own code as its sampler makes it: comfy.samplers.encode_model_conds over the model's
+    extra_conds, the size from the latent, no crop, target size the same. None for a model that
+    takes no `y` (SD1.5)."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+    noise = torch.zeros(1, 4, height // 8, width // 8)
+    conds = comfy.sampler_helpers.convert_cond(conditioning[:1])
+    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, conds, noise, torch.device("cpu"), "positive")
+    y = conds[0]["model_conds"].get("y")
+    return None if y is None else y.cond[0].float()
+
+
 def sample_image(model, vae, positive: list, negative: list, size: int, steps: int, seed: int,
                  cfg: float = 5.0) -> torch.Tensor:
     """One [H, W, 3] picture in [0, 1]: ComfyUI's euler sampler from an empty latent, then VAE Decode."""

@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .encode import Decoded, Example, decode_record, encode_decoded
 from .records import Record
 
-CACHE_VERSION = "v3"      # bump when what goes into an Example changes
+CACHE_VERSION = "v4"      # bump when what goes into an Example changes
 
 
 def cache_dir() -> Path:
@@ -70,7 +70,8 @@ def shard(n: int, rank: int, world: int) -> list[int]:
 def save_example(path: Path, e: Example) -> None:
     from safetensors.torch import save_file
     tensors = {"latent": e.latent, "text": e.text, "masks": e.masks,
-               **{f"feature.{j}": f for j, f in enumerate(e.features)}}
+               **{f"feature.{j}": f for j, f in enumerate(e.features)},
+               **{k: v for k, v in (("y", e.y), ("pooled", e.pooled)) if v is not None}}     # SDXL
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     meta = {"positions": json.dumps(e.positions), "caption": e.caption}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -83,7 +84,7 @@ def load_example(path: Path) -> Example:
         t = {k: f.get_tensor(k) for k in f.keys()}
     positions = json.loads(meta["positions"])
     return Example(t["latent"], t["text"], positions, [t[f"feature.{j}"] for j in range(len(positions))],
-                   t["masks"], meta["caption"])
+                   t["masks"], meta["caption"], t.get("y"), t.get("pooled"))
 
 
 class CachedExamples(Sequence):

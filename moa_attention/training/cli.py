@@ -21,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(Path(), Path(), Path(), Path())
     p = argparse.ArgumentParser(prog="python -m moa_attention.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--base", type=Path, required=True, help="SD1.5 checkpoint (.safetensors)")
-    p.add_argument("--clip-vision", type=Path, required=True, help="CLIP ViT-L/14 vision model (.safetensors)")
+    p.add_argument("--base", type=Path, required=True, help="SD1.5 or SDXL base checkpoint (.safetensors); the adapter "
+                                                                 "runs on models of that base")
+    p.add_argument("--clip-vision", type=Path, required=True,
+                   help="CLIP vision model (.safetensors), e.g. CLIP ViT-L/14; the adapter records it")
     p.add_argument("--data", type=Path, required=True,
                    help="dataset folder: manifest.jsonl, or FastComposer's layout (image_ids*.txt, <id[:5]>/<id>.jpg/json/npy)")
     p.add_argument("--output-dir", type=Path, default=None,
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --cache-only)")
     p.add_argument("--expert", choices=["lowrank", "full"], default=d.expert, help="personalized expert storage")
     p.add_argument("--rank", type=int, default=d.rank, help="rank of a lowrank expert")
-    p.add_argument("--resolution", type=int, default=d.resolution, help="training image size (multiple of 64)")
+    p.add_argument("--resolution", type=int, default=d.resolution,
+                   help="training image size (multiple of 64); default: the base's, 512 for SD1.5, 1024 for SDXL")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step and process")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")

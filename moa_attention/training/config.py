@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 TIMESTEP_BIASES = ("uniform", "cubic")
@@ -15,8 +15,8 @@ def default_workers() -> int:
 
 @dataclass
 class TrainConfig:
-    base: Path                                   # SD1.5 checkpoint (.safetensors), loaded by ComfyUI
-    clip_vision: Path                            # CLIP ViT-L/14 vision model, loaded by ComfyUI
+    base: Path                                   # SD1.5 or SDXL checkpoint (.safetensors), loaded by ComfyUI
+    clip_vision: Path                            # CLIP vision model (ViT-L/14), loaded by ComfyUI
     data: Path                                   # dataset folder: manifest.jsonl, or FastComposer's layout
     output_dir: Path | None                      # None only with --cache-only
     split: str = "train"                         # FastComposer layout: image_ids_<split>.txt ("all": image_ids.txt)
@@ -24,7 +24,7 @@ class TrainConfig:
     max_subjects: int = 4                        # FastComposer layout: subjects per image at most
     expert: str = "lowrank"                      # "full" as in the paper; "lowrank" a rank-r delta, far smaller
     rank: int = 64
-    resolution: int = 512                        # the paper trains SD1.5 at 512
+    resolution: int | None = None                # None: the base's (SD1.5 512 as the paper, SDXL 1024)
     batch_size: int = 1                          # per process
     grad_accum: int = 1
     lr: float = 1e-5                             # FastComposer/MoA-style fine-tuning rate
@@ -60,3 +60,8 @@ class TrainConfig:
     force: bool = False
     device: str = "auto"
     comfyui: Path | None = None
+
+
+def at_base_resolution(cfg: TrainConfig, default: int) -> TrainConfig:
+    """`cfg` with its resolution, or the base model's `default` when none was given."""
+    return cfg if cfg.resolution else replace(cfg, resolution=default)

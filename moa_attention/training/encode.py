@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..comfyui.models import model_base
 from ..comfyui.prompt import encode_prompt
-from ..comfyui.sampling import image_to_latent
+from ..comfyui.sampling import image_to_latent, unet_y
 from ..comfyui.subjects import subject_feature
 from ..engine.errors import MoAInputError
 from .config import TrainConfig
@@ -23,11 +24,13 @@ from .records import Record
 @dataclass
 class Example:
     latent: torch.Tensor            # [4, h, w] scaled latent
-    text: torch.Tensor              # [L, 768] text-encoder output
+    text: torch.Tensor              # [L, D] text-encoder output (D: 768, SDXL 2048)
     positions: list[list[int]]      # per subject, token positions
     features: list[torch.Tensor]    # per subject, [768] image feature
     masks: torch.Tensor             # [S, h, w] latent-resolution subject masks
     caption: str
+    y: torch.Tensor | None = None       # [2816] SDXL's `y` (pooled text + size embeddings); None on SD1.5
+    pooled: torch.Tensor | None = None  # [1280] SDXL's pooled text output, for the samples' conditioning
 
 
 @dataclass
@@ -63,13 +66,16 @@ def reference_feature(clip_vision, images: list[torch.Tensor], masks: list[torch
 def encode_decoded(d: Decoded, model, clip, vae, clip_vision) -> Example:
     """The frozen encoders' outputs for one decoded record (on the CPU, fp32)."""
     latent = image_to_latent(model, vae, d.image[None]).float()[0]
-    prompt = encode_prompt(clip, d.caption, d.class_words)
+    prompt = encode_prompt(clip, d.caption, d.class_words, model_base(model).name)
     if prompt.chunks != 1:
         raise MoAInputError(f"{d.where}: caption longer than 75 tokens; shorten it")
     features = [reference_feature(clip_vision, images, masks, f"{d.where} '{word}'")
                 for word, (images, masks) in zip(d.class_words, d.references)]
+    y = unet_y(model, prompt.conditioning, width=int(d.image.shape[-2]), height=int(d.image.shape[-3]))
+    pooled = prompt.conditioning[0][1].get("pooled_output")
+    pooled = None if pooled is None else pooled[0].float().cpu()
     return Example(latent.cpu(), prompt.plain.float().cpu(), prompt.positions, [f.float().cpu() for f in features],
-                   d.masks, d.caption)
+                   d.masks, d.caption, None if y is None else y.cpu(), pooled)
 
 
 def encode_record(cfg: TrainConfig, rec: Record, model, clip, vae, clip_vision) -> Example:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comfyui.loading import load_clip_vision, load_sd15_checkpoint, require_file
+from ..comfyui.loading import load_base_checkpoint, load_clip_vision, require_file
 from ..comfyui.sampling import alphas_cumprod
 from ..engine.adapter import init_adapter_from_unet
 from ..engine.attention_fn import sdpa_attention
 from ..engine.layer import moa_layers
-from .config import TrainConfig
+from .config import TrainConfig, at_base_resolution
 from .encode import Example, encode_record
 from .loop import dataset_records, dist_info, one_step, prepare_run, training_device
 from .unet import borrowed_unet, checkpointed_blocks
@@ -130,7 +130,8 @@ def run_estimate(cfg: TrainConfig) -> int:
     records = dataset_records(cfg)
     for label, path in (("--base", cfg.base), ("--clip-vision", cfg.clip_vision)):
         require_file(path, label)
-    model, clip, vae = load_sd15_checkpoint(cfg.base, "--base")
+    model, clip, vae, base = load_base_checkpoint(cfg.base, "--base")
+    cfg = at_base_resolution(cfg, base.resolution)
     clip_vision = load_clip_vision(cfg.clip_vision, "--clip-vision")
     sample = records[:max(3, cfg.batch_size)]
     examples = [encode_record(cfg, sample[0], model, clip, vae, clip_vision)]     # loads the encoders: not timed

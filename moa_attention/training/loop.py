@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..comfyui.adapters import LoadedAdapter
-from ..comfyui.loading import load_clip_vision, load_sd15_checkpoint, require_file
+from ..comfyui.loading import load_base_checkpoint, load_clip_vision, require_file
 from ..comfyui.models import image_encoder_of
 from ..comfyui.sampling import alphas_cumprod
 from ..engine.adapter import IMAGE_ENCODER_CLIP_L14, MoAAdapter, init_adapter_from_unet
@@ -32,9 +32,10 @@ from ..engine.adapter_file import load_adapter, save_adapter
 from ..engine.attention_fn import sdpa_attention
 from ..engine.errors import ModelMismatchError, MoAError, MoAInputError
 from ..engine.layer import moa_layers
+from ..engine.unet_layers import find_attention_layers
 from .cache import cache_paths, cached_examples, fill_cache, wait_for_files
 from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, at_base_resolution
 from .dataset import Record, read_dataset
 from .encode import Example
 from .sampling import write_sample
@@ -124,7 +125,8 @@ def run(cfg: TrainConfig) -> int:
     records = dataset_records(cfg)
     for label, path in (("--base", cfg.base), ("--clip-vision", cfg.clip_vision)):
         require_file(path, label)         # both, before minutes of loading
-    model, clip, vae = load_sd15_checkpoint(cfg.base, "--base")
+    model, clip, vae, base = load_base_checkpoint(cfg.base, "--base")
+    cfg = at_base_resolution(cfg, base.resolution)
     clip_vision = load_clip_vision(cfg.clip_vision, "--clip-vision")
     image_encoder = image_encoder_of(clip_vision, "--clip-vision")
     filled = fill_cache(cfg, records, (model, clip, vae, clip_vision), rank, world, show=rank == 0)
@@ -177,8 +179,8 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
                   eval_examples: Sequence[Example] | None = None,
                   image_encoder: tuple[str, int] = (IMAGE_ENCODER_CLIP_L14, 768)) -> int:
     """Train (or --resume) a MoA adapter on pre-encoded examples: the loop `run` drives, callable
-    directly (the toy-world experiment does) with any SD1.5-architecture diffusion model and its
-    alphas_cumprod. Writes everything run() writes into cfg.output_dir (rank 0). `sampler(adapter,
+    directly (the toy-world experiment does) with any SD1.5- or SDXL-architecture diffusion model
+    and its alphas_cumprod (SDXL examples carry their `y`). Writes everything run() writes into cfg.output_dir (rank 0). `sampler(adapter,
     step)` writes a sample at every multiple of cfg.sample_every (when set); it must leave the UNet
     and the adapter on `device` (ComfyUI's sampler moves them). eval_examples (default: examples)
     are what evaluate() measures into summary.json before and after. `image_encoder` (name, width)
@@ -226,6 +228,7 @@ def _start_adapter(cfg: TrainConfig, unet: nn.Module, device: torch.device, rank
         print(f"--resume: no checkpoint in {cfg.output_dir / 'checkpoints'} yet, starting from a fresh adapter")
     if checkpoints:
         adapter = load_adapter(checkpoints[-1] / "adapter.safetensors")
+        _check_resumed_unet(adapter, unet, checkpoints[-1])
         _check_resumed_encoder(adapter, image_encoder, checkpoints[-1])
         adapter.requires_grad_(True)
     else:
@@ -235,6 +238,15 @@ def _start_adapter(cfg: TrainConfig, unet: nn.Module, device: torch.device, rank
     adapter.config.training = {k: str(v) for k, v in asdict(cfg).items()}
     adapter.to(device).train()
     return adapter, checkpoints[-1] if checkpoints else None
+
+
+def _check_resumed_unet(adapter: MoAAdapter, unet: nn.Module, checkpoint: Path) -> None:
+    layers = find_attention_layers(unet)
+    if adapter.config.layers != layers:
+        raise ModelMismatchError(
+            f"--base has {len(layers)} attention layers, but the checkpoint being resumed ({checkpoint}) was trained "
+            f"on another UNet ({adapter.config.base}, {len(adapter.config.layers)} layers). Pass that run's --base, "
+            f"or train into a new --output-dir")
 
 
 def _check_resumed_encoder(adapter: MoAAdapter, image_encoder: tuple[str, int], checkpoint: Path) -> None:

@@ -22,8 +22,11 @@ def write_sample(cfg: TrainConfig, model, vae, adapter: LoadedAdapter, example: 
     with torch.no_grad():
         fused = fused_context(adapter.adapter.fusion, example.text, example.positions, example.features)
     patched = apply_moa(model, adapter, [SubjectBinding(example.text, fused.to(example.text.dtype))])
-    positive = [[example.text[None], {}]]
-    negative = [[torch.zeros_like(example.text)[None], {}]]
+    # SDXL's pooled output goes in as CLIPTextEncode puts it (the sampler makes `y` from it and the
+    # size); the negative is zeroed as ConditioningZeroOut zeroes both
+    pooled = {} if example.pooled is None else {"pooled_output": example.pooled[None]}
+    positive = [[example.text[None], pooled]]
+    negative = [[torch.zeros_like(example.text)[None], {k: torch.zeros_like(v) for k, v in pooled.items()}]]
     image = sample_image(patched, vae, positive, negative, cfg.resolution, cfg.sample_steps, cfg.seed)
     # ComfyUI keeps the last sampled model loaded (patched); unloading moves the UNet and the
     # adapter to the offload device: put both back where training runs

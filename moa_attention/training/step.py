@@ -76,17 +76,18 @@ class MoATrainStep(nn.Module):
         # fp16 on CUDA), the losses in fp32
         dtype = model_dtype(self.unet)
         noisy_m, text_m, t_m = noisy.to(dtype), text.to(dtype), timesteps.float()
+        y = torch.stack([e.y for e in batch]).to(device, dtype) if batch[0].y is not None else None   # SDXL
         capture = LossCapture([e.positions for e in batch])
         hw = (int(x0.shape[-2]), int(x0.shape[-1]))
         if mask_routed:
             state = CallState.whole_batch(fused.to(dtype), hw, MASK_ROUTED, regions=masks.amax(dim=1, keepdim=True))
         else:
             state = CallState.whole_batch(fused.to(dtype), hw, settings, observers=(capture,))
-        pred = self.unet(noisy_m, t_m, context=text_m, transformer_options={STATE_KEY: state}).float()
+        pred = self.unet(noisy_m, t_m, context=text_m, y=y, transformer_options={STATE_KEY: state}).float()
         base = None
         if with_base:
             with torch.no_grad():
-                base = self.unet(noisy_m, t_m, context=text_m, transformer_options={}).float()
+                base = self.unet(noisy_m, t_m, context=text_m, y=y, transformer_options={}).float()
         return Forward(pred, base, noise, masks, capture.layers, hw)
 
     def forward(self, batch: list[Example], noise: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:

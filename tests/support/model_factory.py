@@ -230,8 +230,21 @@ def build_sd15_model_patcher(unet_config: dict[str, Any], seed: int = 0,
 
 
 # --------------------------------------------------------------------------
-# SDXL-shaped models, in process (for the refusals: MoA runs on SD1.5 only)
+# SDXL-shaped models: in process, and a checkpoint file ComfyUI detects as SDXL
 # --------------------------------------------------------------------------
+
+def sdxl_unet_config() -> dict[str, Any]:
+    """comfy/model_detection.py's dict for the real SDXL base UNet (2.57B params, 70 transformer
+    blocks: 10 at 640 channels, 60 at 1280), for the bench and the meta-device census."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
 
 def tiny_sdxl_unet_config(refiner: bool = False, model_channels: int = 64) -> dict[str, Any]:
     """The keys of comfy/model_detection.py's SDXL (or SDXL refiner) dict at the smallest
@@ -307,6 +320,50 @@ def build_tiny_clip_vision(config_name: str = "clip_vision_config_vitl.json", la
         clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
     init_weights_(clip_vision.model, 0)
     return clip_vision
+
+
+def detectable_sdxl_unet_config() -> dict[str, Any]:
+    """The smallest SDXL UNet a checkpoint file can hold and still be loaded as SDXL: ComfyUI's
+    detection matches SDXL's 320 channels, 2048-wide context, 2816-wide `y` and transformer depths
+    [0, 0, 2, 2, 10, 10] per input block, nothing else. So every level stays at 320 channels
+    (channel_mult 1), and the middle and output blocks carry no transformer: 24 blocks, 48
+    attention layers, 2 downsamplings."""
+    cfg = sdxl_unet_config()
+    cfg.update(channel_mult=[1, 1, 1], transformer_depth_middle=-1, transformer_depth_output=[0] * 9)
+    return cfg
+
+
+def _sdxl_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """SDXL's text encoders at full size (clip_l 768 + clip_g 1280, 818M params, fp16) as
+    SDXLClipModel.state_dict() gives them: a checkpoint's text encoders are built from ComfyUI's
+    fixed configs whatever the file holds, so they cannot be shrunk."""
+    import comfy.supported_models
+
+    target = comfy.supported_models.SDXL(detectable_sdxl_unet_config()).clip_target()
+    clip_model = target.clip(device="cpu", dtype=torch.float16, **target.params)
+    init_weights_(clip_model, seed)
+    for name, p in clip_model.named_parameters():
+        if name.endswith("logit_scale"):
+            p.data.fill_(4.6055)
+    return _to_dtype(clip_model.state_dict(), torch.float16)
+
+
+def write_tiny_sdxl_checkpoint(path: PathLike, seed: int = 0) -> Path:
+    """A real SDXL ``.safetensors`` checkpoint (fp16) that CheckpointLoaderSimple loads as SDXL with
+    MODEL, CLIP and VAE: detectable_sdxl_unet_config's UNet, SDXL's full-size text encoders, a
+    TAESD VAE. ~1.9 GB, assembled once in the cache and hard-linked into place (read-only)."""
+    import comfy.supported_models
+
+    cached = cache_dir() / f"ckpt_sdxl_{CACHE_VERSION}_seed{seed}.safetensors"
+    if not cached.exists():
+        model_config = comfy.supported_models.SDXL(detectable_sdxl_unet_config())
+        model_config.set_inference_dtype(torch.float32, None)
+        model = model_config.get_model({})
+        init_weights_(model.diffusion_model, seed)
+        sd = model.state_dict_for_saving(_sdxl_clip_state_dict(seed), taesd_state_dict(seed), None)
+        _save_atomic(_to_dtype(sd, torch.float16), cached)
+        del model, sd
+    return _place(cached, path)
 
 
 # --------------------------------------------------------------------------
