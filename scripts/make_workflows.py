@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +31,32 @@ SEED = 42
 #: MoA Invert Photo's renoise in the swap workflow: fresh noise where the new subject goes
 SWAP_RENOISE = 1.0
 
-MODELS_NOTE = f"""Model files (put them in ComfyUI/models/..., then press R to refresh the lists):
+
+@dataclass(frozen=True)
+class Base:
+    """The files and picture size of one base model's workflows."""
+    checkpoint: str
+    adapter: str
+    size: int
+    note: str
+
+
+SD15 = Base(CHECKPOINT, ADAPTER, 512, f"""Model files (put them in ComfyUI/models/..., then press R to refresh the lists):
 - checkpoints/{CHECKPOINT}: an SD1.5 checkpoint (MoA adapters run on SD1.5 models).
 - clip_vision/{CLIP_VISION}: the CLIP ViT-L/14 image encoder the adapter was trained with.
-- moa/{ADAPTER}: a MoA adapter (made with `python -m moa_attention.train`)."""
+- moa/{ADAPTER}: a MoA adapter (made with `python -m moa_attention.train`).""")
+
+SDXL = Base("sd_xl_base_1.0.safetensors", "moa_sdxl.safetensors", 1024, f"""Model files for SDXL (put them in \
+ComfyUI/models/..., then press R to refresh the lists):
+- checkpoints/sd_xl_base_1.0.safetensors: the SDXL base 1.0 checkpoint (stabilityai/stable-diffusion-xl-base-1.0) \
+or a fine-tune of it; not the refiner.
+- clip_vision/{CLIP_VISION}: the image encoder the adapter was trained with (CLIP ViT-L/14 unless its maker says \
+otherwise; MoA Apply names the one it expects).
+- moa/moa_sdxl.safetensors: a MoA adapter trained on SDXL (`python -m moa_attention.train --base \
+sd_xl_base_1.0.safetensors ...`). Adapters are per base: an SD1.5 adapter does not run on SDXL, nor back.
+SDXL draws at 1024x1024 (Empty Latent Image); the prompt goes to both of its text encoders.""")
+
+MODELS_NOTE = SD15.note
 
 MASK_NOTE = """Subject mask: 1 = subject. The mask is a black-and-white picture of the same size as the photo, \
 white = subject, black = background (read from its red channel by Load Image (as Mask)).
@@ -47,10 +70,10 @@ to the sampler (MoA recognises its own conditioning there); the negative prompt 
 Router map: red = pixels the router sent to the subject expert, blue = pixels the base model draws alone."""
 
 
-def models(nodes: dict, links: list, col: int = 0) -> None:
-    nodes["ckpt"] = dict(type="CheckpointLoaderSimple", col=col, widgets={"ckpt_name": CHECKPOINT})
+def models(nodes: dict, links: list, col: int = 0, base: Base = SD15) -> None:
+    nodes["ckpt"] = dict(type="CheckpointLoaderSimple", col=col, widgets={"ckpt_name": base.checkpoint})
     nodes["clipvision"] = dict(type="CLIPVisionLoader", col=col, widgets={"clip_name": CLIP_VISION})
-    nodes["adapter"] = dict(type="MoAAdapterLoader", col=col, widgets={"adapter_name": ADAPTER})
+    nodes["adapter"] = dict(type="MoAAdapterLoader", col=col, widgets={"adapter_name": base.adapter})
 
 
 def subject(nodes: dict, links: list, name: str, label: str, image: str, mask: str, word: str, col: int,
@@ -71,13 +94,13 @@ def subject(nodes: dict, links: list, name: str, label: str, image: str, mask: s
 
 def apply_and_sample(nodes: dict, links: list, prompt: str, subjects_from: str, col: int,
                      prompt_from: str | None = None, seed_from: str | None = None, sampler: str = "sampler",
-                     prefix: str = "MoA/result", save: bool = True) -> None:
+                     prefix: str = "MoA/result", save: bool = True, size: int = 512) -> None:
     nodes["apply"] = dict(type="MoAApply", col=col, size=[400, 290], widgets={
         "prompt": prompt, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "routing": "soft",
         "sparse_threshold": 0.0})
     nodes["negative"] = dict(type="CLIPTextEncode", col=col, title="Negative prompt", size=[400, 110],
                              widgets={"text": NEGATIVE})
-    nodes["latent"] = dict(type="EmptyLatentImage", col=col, widgets={"width": 512, "height": 512, "batch_size": 1})
+    nodes["latent"] = dict(type="EmptyLatentImage", col=col, widgets={"width": size, "height": size, "batch_size": 1})
     nodes[sampler] = dict(type="KSampler", col=col + 1, title="KSampler (MoA)" if seed_from else None, widgets={
         "seed": SEED, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0, "sampler_name": "euler",
         "scheduler": "normal", "denoise": 1.0})
@@ -104,14 +127,15 @@ def apply_and_sample(nodes: dict, links: list, prompt: str, subjects_from: str, 
     links.append(("maps", 1, "maps_preview", "images"))
 
 
-def single_subject():
+def single_subject(base: Base = SD15):
     nodes, links = {}, []
-    nodes["note"] = dict(type="Note", col=0, size=[400, 520], title="Read me: MoA, one subject",
-                         widgets={"text": "\n\n".join([MODELS_NOTE, MASK_NOTE, USAGE_NOTE])})
-    models(nodes, links, col=0)
+    label = "" if base is SD15 else " (SDXL)"
+    nodes["note"] = dict(type="Note", col=0, size=[400, 520], title=f"Read me: MoA, one subject{label}",
+                         widgets={"text": "\n\n".join([base.note, MASK_NOTE, USAGE_NOTE])})
+    models(nodes, links, col=0, base=base)
     subject(nodes, links, "subject", "Subject", "subject.png", "subject_mask.png", "man", col=1)
     apply_and_sample(nodes, links, "a photo of a man hiking in the mountains, golden hour", "subject", col=2,
-                     prefix="MoA/single_subject")
+                     prefix="MoA/single_subject" if base is SD15 else "MoA/sdxl_single_subject", size=base.size)
     groups = [("Models", ["ckpt", "clipvision", "adapter"]), ("Subject", ["subject_img", "subject_mask", "subject"]),
               ("MoA", ["apply", "negative", "latent"]), ("Sample", ["sampler", "decode", "maps"])]
     return nodes, links, groups
@@ -267,19 +291,21 @@ def morph():
     return nodes, links, groups
 
 
-def regions():
+def regions(base: Base = SD15):
     nodes, links = {}, []
-    _note(nodes, "Read me: two subjects, each in its own region",
+    label = "" if base is SD15 else " (SDXL)"
+    _note(nodes, f"Read me: two subjects, each in its own region{label}",
           "Each MoA Subject gets a region mask (white = where it may appear). Pixels in the man's region attend only "
           "to the man's fused tokens, pixels in the dog's region only to the dog's, and outside both regions the base "
           "model draws alone: the two subjects do not blend. Regions must not overlap; give every subject a region "
           "or none. MoA Router Maps' 'subject' picks one subject's map (0 = all).",
-          MODELS_NOTE, MASK_NOTE, USAGE_NOTE)
-    models(nodes, links, col=0)
+          base.note, MASK_NOTE, USAGE_NOTE)
+    models(nodes, links, col=0, base=base)
     subject(nodes, links, "man", "Man", "man.png", "man_mask.png", "man", col=1, region="left_region.png")
     subject(nodes, links, "dog", "Dog", "dog.png", "dog_mask.png", "dog", col=2, previous="man",
             region="right_region.png")
-    apply_and_sample(nodes, links, "a man and a dog side by side in a park", "dog", col=3, prefix="MoA/regions")
+    apply_and_sample(nodes, links, "a man and a dog side by side in a park", "dog", col=3,
+                     prefix="MoA/regions" if base is SD15 else "MoA/sdxl_regions", size=base.size)
     groups = [("Models", ["ckpt", "clipvision", "adapter"]),
               ("Subject 1: man, left", ["man_img", "man_mask", "man_region", "man"]),
               ("Subject 2: dog, right", ["dog_img", "dog_mask", "dog_region", "dog"]),
@@ -371,7 +397,9 @@ def build_dataset():
 WORKFLOWS = {"moa_single_subject": single_subject, "moa_two_subjects": two_subjects,
              "moa_compare_strength": compare_strength, "moa_subject_swap": subject_swap, "moa_morph": morph,
              "moa_two_subjects_regions": regions, "moa_controlnet_pose": controlnet_pose,
-             "moa_style_lora": style_lora, "moa_build_dataset": build_dataset}
+             "moa_style_lora": style_lora, "moa_build_dataset": build_dataset,
+             "moa_sdxl_single_subject": lambda: single_subject(SDXL),
+             "moa_sdxl_two_subjects_regions": lambda: regions(SDXL)}
 
 BUILD_JS = r"""
 const [spec, done] = [arguments[0], arguments[arguments.length - 1]];

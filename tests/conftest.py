@@ -114,20 +114,13 @@ def models_base(tmp_path_factory, comfy):
 def server_inputs(models_base, comfy):
     """Photos in input/ and an adapter for the tiny checkpoint in models/moa (shared by the server tests)."""
     from support.graphs import ADAPTER, CHECKPOINT, write_inputs
-    import torch
     base, _ = models_base
     write_inputs(base / "input")
     nodes, pack = comfy
     from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
     from comfyui_moa.moa_attention.engine.adapter_file import save_adapter
     model = nodes.CheckpointLoaderSimple().load_checkpoint(CHECKPOINT)[0]
-    adapter = init_adapter_from_unet(model.get_model_object("diffusion_model"), expert="lowrank", rank=4, seed=0)
-    g = torch.Generator().manual_seed(0)
-    for w in adapter.layers.values():            # "trained-looking": personal != prior, router half-decided
-        for p in w.expert.parameters():
-            p.data.add_(torch.randn(p.shape, generator=g) * 0.05)
-        w.router.fc2.bias.data = torch.tensor([0.0, 0.5])
-    save_adapter(adapter, base / "models" / "moa" / ADAPTER, overwrite=True)
+    write_trained_looking_adapter(model, base / "models" / "moa" / ADAPTER)
     # for the error cases: an adapter made for a 1024-d image encoder, and an SD2-shaped UNet
     other = init_adapter_from_unet(model.get_model_object("diffusion_model"), expert="lowrank", rank=2, seed=1,
                                    image_encoder="clip_vit_h14", image_dim=1024)
@@ -137,6 +130,35 @@ def server_inputs(models_base, comfy):
     sd2.update(context_dim=1024, use_linear_in_transformer=True, num_head_channels=64)
     sd2.pop("num_heads", None)
     write_unet_only(base / "models" / "unet" / "tiny_sd2_unet.safetensors", unet_config=sd2)
+    return base
+
+
+def write_trained_looking_adapter(model, path: Path) -> None:
+    """An adapter for `model` (a MODEL) whose personal weights differ from the prior's and whose
+    routers are half-decided, as a trained one's are."""
+    import torch
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.engine.adapter_file import save_adapter
+    adapter = init_adapter_from_unet(model.get_model_object("diffusion_model"), expert="lowrank", rank=4, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for w in adapter.layers.values():
+        for p in w.expert.parameters():
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.05)
+        w.router.fc2.bias.data = torch.tensor([0.0, 0.5])
+    save_adapter(adapter, path, overwrite=True)
+
+
+@pytest.fixture(scope="session")
+def sdxl_server_inputs(server_inputs, comfy):
+    """For the SDXL workflows: a checkpoint file ComfyUI loads as SDXL in models/checkpoints and an
+    adapter for it in models/moa (names in support.graphs)."""
+    import comfy.sd
+    from support.graphs import SDXL_ADAPTER, SDXL_CHECKPOINT
+    from support.model_factory import write_tiny_sdxl_checkpoint
+    base = server_inputs
+    path = write_tiny_sdxl_checkpoint(base / "models" / "checkpoints" / SDXL_CHECKPOINT)
+    model = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+    write_trained_looking_adapter(model, base / "models" / "moa" / SDXL_ADAPTER)
     return base
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import ROOT, execution_error
 from support.browser import browser_missing, console_errors, open_editor, start_chromium
 from support.app_graphs import CONTROLNET, LORA
-from support.graphs import ADAPTER, CHECKPOINT, CLIP_VISION
+from support.graphs import ADAPTER, CHECKPOINT, CLIP_VISION, SDXL_ADAPTER, SDXL_CHECKPOINT
 
 PACK_DIR_NAME = "comfyui-moa"            # the pack's folder name in the server's custom_nodes (see models_base)
 WORKFLOW_DIR = ROOT / "workflows"
@@ -28,6 +28,8 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # models_base / server_inputs (write_inputs). A new image name in a workflow must be added here.
 MODEL_NAMES = {"ckpt_name": CHECKPOINT, "clip_name": CLIP_VISION, "adapter_name": ADAPTER, "lora_name": LORA,
                "control_net_name": CONTROLNET}
+#: the SDXL workflows (named moa_sdxl_*) run on the tiny SDXL checkpoint and an adapter made for it
+SDXL_MODEL_NAMES = {**MODEL_NAMES, "ckpt_name": SDXL_CHECKPOINT, "adapter_name": SDXL_ADAPTER}
 IMAGE_NAMES = {"subject.png": "person.png", "subject_mask.png": "person_mask.png",
                "man.png": "person.png", "man_mask.png": "person_mask.png",
                "dog.png": "cat.png", "dog_mask.png": "cat_mask.png",
@@ -53,7 +55,8 @@ def _ids(paths):
 def test_there_are_example_workflows():
     names = {p.stem for p in WORKFLOWS}
     assert {"moa_single_subject", "moa_two_subjects", "moa_subject_swap", "moa_morph", "moa_two_subjects_regions",
-            "moa_controlnet_pose", "moa_style_lora", "moa_build_dataset"} <= names, names
+            "moa_controlnet_pose", "moa_style_lora", "moa_build_dataset", "moa_sdxl_single_subject",
+            "moa_sdxl_two_subjects_regions"} <= names, names
 
 
 def _widget_inputs(info: dict) -> list[tuple[str, list]]:
@@ -131,7 +134,7 @@ def test_workflows_are_listed_as_templates(server):
 
 
 @pytest.fixture(scope="module")
-def editor(server, server_inputs, app_inputs):
+def editor(server, server_inputs, app_inputs, sdxl_server_inputs):
     """One headless Chromium on the server's graph editor for all workflows of this module."""
     missing = browser_missing()
     if missing:
@@ -240,9 +243,11 @@ def _check_examples_saved(server, prompt: dict, entry: dict) -> None:
         assert problems == [] and records, problems
 
 
-def _prepare_and_run(editor, server) -> None:
-    """Swap in the tiny models and images, queue the editor's own prompt, check every output's pictures."""
-    prepared = json.loads(editor.execute_async_script(PREPARE_JS, MODEL_NAMES, IMAGE_NAMES, SIZE, STEPS))
+def _prepare_and_run(editor, server, path: Path) -> None:
+    """Swap in the tiny models (SDXL ones for an SDXL workflow) and images, queue the editor's own prompt,
+    check every output's pictures."""
+    models = SDXL_MODEL_NAMES if path.stem.startswith("moa_sdxl_") else MODEL_NAMES
+    prepared = json.loads(editor.execute_async_script(PREPARE_JS, models, IMAGE_NAMES, SIZE, STEPS))
     assert "exception" not in prepared, prepared.get("exception")
     assert prepared["unknown"] == [], f"add these test images to IMAGE_NAMES: {prepared['unknown']}"
     prompt = prepared["output"]
@@ -280,7 +285,7 @@ def test_workflow_loads_in_the_editor_and_runs(path: Path, editor, server):
     _load(editor, path)
     if os.environ.get("MOA_SCREENSHOTS"):
         _save_screenshot(editor, path.stem)
-    _prepare_and_run(editor, server)
+    _prepare_and_run(editor, server, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,7 +319,7 @@ const [done] = arguments;
 
 
 @pytest.fixture(scope="module")
-def vue_editor(server, server_inputs, app_inputs):
+def vue_editor(server, server_inputs, app_inputs, sdxl_server_inputs):
     """A headless Chromium on the graph editor with Nodes 2.0 switched on (and off again afterwards: the
     setting is stored on the server, for every later page load)."""
     missing = browser_missing()
@@ -377,4 +382,4 @@ def test_workflow_loads_and_runs_with_nodes_2_0(path: Path, vue_editor, server):
         _save_screenshot(vue_editor, f"{path.stem}_nodes_2_0")
     first = next(n for n in dom["nodes"] if n["widgets"])
     _widget_tooltip_shown(vue_editor, first["id"], object_info, first["type"])
-    _prepare_and_run(vue_editor, server)
+    _prepare_and_run(vue_editor, server, path)

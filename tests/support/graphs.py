@@ -11,6 +11,8 @@ from PIL import Image
 CHECKPOINT = "tiny_sd15.safetensors"
 CLIP_VISION = "tiny_clip_vision_vit_l14.safetensors"
 ADAPTER = "tiny_moa.safetensors"          # written into models/moa by the `server_inputs` fixture
+SDXL_CHECKPOINT = "tiny_sdxl.safetensors"  # these two by `sdxl_server_inputs`
+SDXL_ADAPTER = "tiny_moa_sdxl.safetensors"
 
 
 def write_inputs(input_dir: Path) -> dict[str, str]:
