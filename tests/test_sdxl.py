@@ -75,6 +75,23 @@ def test_a_fresh_sdxl_adapter_is_an_sdxl_one_over_every_layer(sdxl_model):
     assert {s.context_dim for s in specs if s.kind == "attn2"} == {2048}
 
 
+def test_the_full_sdxl_unet_has_140_moa_layers_of_sdxls_widths(comfy):
+    """The census of the real SDXL base UNet (ComfyUI's SDXL model config, built on the meta device:
+    no memory): 70 transformer blocks, 10 at 640 channels / 10 heads and 60 at 1280 / 20 heads."""
+    from collections import Counter
+
+    import comfy.supported_models
+    from support.model_factory import sdxl_unet_config
+
+    from comfyui_moa.moa_attention.engine.unet_layers import find_attention_layers
+    model = comfy.supported_models.SDXL(sdxl_unet_config()).get_model({}, device="meta")
+    specs = find_attention_layers(model.diffusion_model)
+    assert len(specs) == 140 and Counter(s.kind for s in specs) == {"attn1": 70, "attn2": 70}
+    assert Counter((s.query_dim, s.heads) for s in specs) == {(640, 10): 20, (1280, 20): 120}
+    assert {s.context_dim for s in specs if s.kind == "attn2"} == {2048}
+    assert {s.context_dim for s in specs if s.kind == "attn1"} == {640, 1280}
+
+
 @pytest.mark.parametrize("expert", ["lowrank", "full"])
 def test_sdxl_adapter_file_round_trips_as_format_2(pack, sdxl_model, tmp_path, expert):
     from comfyui_moa.moa_attention.engine import adapter_file as io
