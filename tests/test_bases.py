@@ -214,3 +214,20 @@ def test_the_trainer_records_the_image_encoder_it_was_given_and_refuses_another_
                                          r"adapter expects clip_vit_h14 \(1024-d\)\. Encode the subjects with the "
                                          r"image encoder the adapter is made for \(--clip-vision\)"):
         train_adapter(_config(tmp_path / "other"), unet, schedule, _examples(1, 768), "cpu", image_encoder=vit_h)
+
+
+def test_the_trainer_refuses_to_resume_a_checkpoint_of_another_unet(tiny_model, tmp_path):
+    """A run resumed on another --base architecture (here a smaller SD1.5-shaped UNet; an SDXL one for
+    an SD1.5 run differs alike) is refused before any layer is patched."""
+    from support.model_factory import build_sd15_model_patcher, tiny_unet_config
+
+    from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+    from comfyui_moa.moa_attention.training.loop import train_adapter
+    schedule, out = alphas_cumprod(tiny_model.model), tmp_path / "run"
+    assert train_adapter(_config(out), tiny_model.model.diffusion_model, schedule, _examples(1, 768), "cpu") == 0
+    other = build_sd15_model_patcher(tiny_unet_config(model_channels=32, levels=1), seed=0)
+    with pytest.raises(ValueError, match=r"^--base has 6 attention layers, but the checkpoint being resumed "
+                                         r"\(.*step_000001\) was trained on another UNet \(sd15, 14 layers\)\. Pass "
+                                         r"that run's --base, or train into a new --output-dir$"):
+        train_adapter(_config(out, steps=2, resume=True), other.model.diffusion_model, schedule, _examples(1, 768),
+                      "cpu")
