@@ -21,10 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(Path(), Path(), Path(), Path())
     p = argparse.ArgumentParser(prog="python -m moa_attention.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--base", type=Path, required=True, help="SD1.5 or SDXL base checkpoint (.safetensors); the adapter "
-                                                                 "runs on models of that base")
-    p.add_argument("--clip-vision", type=Path, required=True,
-                   help="CLIP vision model (.safetensors), e.g. CLIP ViT-L/14; the adapter records it")
+    p.add_argument("--base", type=Path, required=True, help="SD1.5 or SDXL base checkpoint (.safetensors)")
+    p.add_argument("--clip-vision", type=Path, required=True, help="CLIP vision model, e.g. ViT-L/14 (.safetensors)")
     p.add_argument("--data", type=Path, required=True,
                    help="dataset folder: manifest.jsonl, or FastComposer's layout (image_ids*.txt, <id[:5]>/<id>.jpg/json/npy)")
     p.add_argument("--output-dir", type=Path, default=None,
