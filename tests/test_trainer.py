@@ -1,7 +1,6 @@
 """The trainer on the tiny SD1.5 checkpoint and a tiny synthetic dataset."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from support.datasets import write_dataset
+from support.trainer_cli import log_rows, run_in_process, train_args
 from support.waits import minutes, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,23 +27,6 @@ def train_env(models_base, tmp_path_factory):
     # the encoded-dataset cache: per test session, shared by the runs below (subprocesses inherit it)
     os.environ["MOA_CACHE_DIR"] = str(tmp_path_factory.mktemp("encoded_cache"))
     return {"base": base, "ckpt": info["checkpoint_path"], "clip_vision": info["clip_vision_path"], "data": data}
-
-
-def train_args(env, out: Path, *extra: str) -> list[str]:
-    return ["--base", str(env["ckpt"]), "--clip-vision", str(env["clip_vision"]), "--data", str(env["data"]),
-            "--output-dir", str(out), "--resolution", "64", "--rank", "4", "--lr", "2e-3", "--seed", "3",
-            "--comfyui", str(ROOT / ".dev" / "ComfyUI"), *extra]
-
-
-def run_in_process(args: list[str]) -> int:
-    from comfyui_moa.moa_attention.training.cli import parse_args
-    from comfyui_moa.moa_attention.training.loop import run
-    return run(parse_args(args))
-
-
-def log_rows(out: Path) -> list[dict]:
-    with open(out / "loss_log.csv") as f:
-        return list(csv.DictReader(f))
 
 
 SAMPLED: list[dict] = []      # what the UNet and the adapter looked like right after each sample

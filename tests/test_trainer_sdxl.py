@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from support.datasets import write_dataset
+from support.trainer_cli import log_rows, run_in_process, train_args
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a dog on the grass"
 
 
@@ -29,24 +29,6 @@ def sdxl_env(models_base, tmp_path_factory):
     return {"ckpt": write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("sdxl") / "tiny_sdxl.safetensors"),
             "clip_vision": info["clip_vision_path"], "data": write_dataset(tmp_path_factory.mktemp("data"), n=2),
             "cache": cache}
-
-
-def train_args(env, out: Path, *extra: str) -> list[str]:
-    return ["--base", str(env["ckpt"]), "--clip-vision", str(env["clip_vision"]), "--data", str(env["data"]),
-            "--output-dir", str(out), "--resolution", "64", "--rank", "4", "--lr", "2e-3", "--seed", "3",
-            "--comfyui", str(ROOT / ".dev" / "ComfyUI"), *extra]
-
-
-def run_in_process(args: list[str]) -> int:
-    from comfyui_moa.moa_attention.training.cli import parse_args
-    from comfyui_moa.moa_attention.training.loop import run
-    return run(parse_args(args))
-
-
-def log_rows(out: Path) -> list[dict]:
-    import csv
-    with open(out / "loss_log.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

@@ -339,9 +339,15 @@ def _sdxl_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
     fixed configs whatever the file holds, so they cannot be shrunk."""
     import comfy.supported_models
 
-    target = comfy.supported_models.SDXL(detectable_sdxl_unet_config()).clip_target()
+    return _random_text_encoders(comfy.supported_models.SDXL(detectable_sdxl_unet_config()), seed)
+
+
+def _random_text_encoders(model_config, seed: int) -> dict[str, torch.Tensor]:
+    """A model config's text encoders with random weights, as their state_dict() in fp16."""
+    target = model_config.clip_target()
     clip_model = target.clip(device="cpu", dtype=torch.float16, **target.params)
     init_weights_(clip_model, seed)
+    # SDClipModel's own default; saving drops it anyway.
     for name, p in clip_model.named_parameters():
         if name.endswith("logit_scale"):
             p.data.fill_(4.6055)
@@ -385,15 +391,7 @@ def clip_l_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     if not path.exists():
         import comfy.supported_models
 
-        target = comfy.supported_models.SD15(tiny_unet_config()).clip_target()
-        clip_model = target.clip(device="cpu", dtype=torch.float16, **target.params)
-        init_weights_(clip_model, seed)
-        # SDClipModel's own default; saving drops it anyway.
-        for name, p in clip_model.named_parameters():
-            if name.endswith("logit_scale"):
-                p.data.fill_(4.6055)
-        _save_atomic(_to_dtype(clip_model.state_dict(), torch.float16), path)
-        del clip_model
+        _save_atomic(_random_text_encoders(comfy.supported_models.SD15(tiny_unet_config()), seed), path)
     return load_file(str(path))
 
 
