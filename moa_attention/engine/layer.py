@@ -176,7 +176,8 @@ class MoAAttention(nn.Module):
             if sel.numel() == 0:
                 continue
             with record_function("moa.expert"):
-                qp = expert.project("to_q", x[r:r + 1, sel], self.to_q, q[r:r + 1, sel])
+                qp = expert.project("to_q", x[r].index_select(0, sel)[None], self.to_q,
+                                    q[r].index_select(0, sel)[None])
                 found.append((r, sel, self.personal_attention(
                     qp, [(kp[i:i + 1], vp[i:i + 1]) for kp, vp in kvs],
                     None if weights is None else weights[i:i + 1, :, sel], transformer_options)))
@@ -210,8 +211,10 @@ class MoAAttention(nn.Module):
                    context: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         """Soft routing with the personalized expert computed only for the pixels whose share is
         above settings.sparse_threshold (its queries for those pixels, its keys/values from all
-        pixels, through hard routing's gather/scatter); the other pixels keep the prior's output
-        exactly: their share counts as 0. Against `mix`, a skipped pixel with share s differs by
+        pixels, through hard routing's gather); the other pixels keep the prior's output exactly:
+        their share counts as 0. The mix is written into `prior_out` in place (the layer's own
+        to_out result, nobody else holds it), so only the selected pixels are copied, not the
+        whole output. Against `mix`, a skipped pixel with share s differs by
         s * (personal - prior), so by at most sparse_threshold * |personal - prior|; a computed
         pixel differs only by float rounding (its to_out runs on the selected pixels' shape)."""
         share, hw = self.routed_share(x, state, transformer_options)
@@ -224,15 +227,15 @@ class MoAAttention(nn.Module):
         found = self.hard_personal_attention(x, q, k, v, state, hw, selected, transformer_options, context, value)
         to_out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
         index = {r: i for i, r in enumerate(state.rows.tolist())}
-        out = prior_out.clone()
         for r, sel, a in found:
             with record_function("moa.expert"):
                 personal = self.moa.expert.project("to_out", a, to_out)[0]
             with record_function("moa.mix"):
-                prior_sel = out[r, sel]
-                s = share[index[r], sel].to(prior_sel.dtype)
-                out[r, sel] = prior_sel + s * (personal.to(prior_sel.dtype) - prior_sel)
-        return out
+                row = prior_out[r]
+                prior_sel = row.index_select(0, sel)
+                s = share[index[r]].index_select(0, sel).to(prior_sel.dtype)
+                row.index_copy_(0, sel, prior_sel + s * (personal.to(prior_sel.dtype) - prior_sel))
+        return prior_out
 
 
 def install_layers(diffusion_model: nn.Module, adapter, attention: AttentionFn = sdpa_attention):
