@@ -186,9 +186,11 @@ def measure_size(dm, paths, schedule, args: argparse.Namespace, size: int) -> di
     return results
 
 
-def paired_ratios(results: dict, name: str, base: str, checkpointing: bool) -> list[float]:
-    """This configuration's step over the baseline's step of the same round and checkpointing."""
-    return [a / b for a, b in zip(results[(name, checkpointing)].seconds, results[(base, checkpointing)].seconds)]
+def paired_ratios(results: dict, name: str, base: str, checkpointing: bool, key: str = "seconds") -> list[float]:
+    """This configuration's step over the baseline's step of the same round and checkpointing
+    (wall seconds, or with key="cpu" the process's CPU seconds)."""
+    return [a / b for a, b in zip(getattr(results[(name, checkpointing)], key),
+                                  getattr(results[(base, checkpointing)], key))]
 
 
 def spread(values: list[float], fmt: str = "{:.2f}") -> str:
@@ -199,16 +201,19 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 def print_tables(size: int, results: dict, weights_bytes: int, checkpointing: list[bool]) -> None:
     names = list(dict.fromkeys(name for name, _ in results))
     base = names[0]
-    print(f"\n{size} px (latent {size // 8}), batch 1: seconds per step, median [min-max] over the rounds; "
-          f"ratio = step / {base}'s step of the same round and checkpointing")
-    print(f"{'':22s}" + "".join(f" | ckpt {'on' if ck else 'off':3s} {'s/step':>20s} {'cpu s':>7s} "
-                                f"{'ratio':>20s}" for ck in checkpointing))
+    print(f"\n{size} px (latent {size // 8}), batch 1: wall and process CPU seconds per step, median [min-max] over "
+          f"the rounds; ratio = step / {base}'s step of the same round and checkpointing (wall, and CPU: on a "
+          f"loaded machine the CPU seconds are the steadier)")
+    print(f"{'':22s}" + "".join(f" | ckpt {'on' if ck else 'off':3s} {'s/step':>20s} {'ratio':>20s} {'cpu s':>20s} "
+                                f"{'cpu ratio':>20s}" for ck in checkpointing))
     for name in names:
         row = f"{name:22s}"
         for ck in checkpointing:
             m = results[(name, ck)]
-            ratio = spread(paired_ratios(results, name, base, ck), "{:.3f}") if name != base else "1"
-            row += f" | {'':8s} {spread(m.seconds):>20s} {statistics.median(m.cpu):7.2f} {ratio:>20s}"
+            ratios = [spread(paired_ratios(results, name, base, ck, key), "{:.3f}") if name != base else "1"
+                      for key in ("seconds", "cpu")]
+            row += (f" | {'':8s} {spread(m.seconds):>20s} {ratios[0]:>20s} {spread(m.cpu):>20s} "
+                    f"{ratios[1]:>20s}")
         print(row)
     print(f"\nmemory at {size} px: step = largest peak RSS growth during a timed step (activations, gradients, "
           f"temporaries; glibc makes it vary by tens of MiB); peak a run holds = UNet weights "
