@@ -8,7 +8,9 @@ classes and times, at each --size, batch 1, with gradient checkpointing off and 
     lora r<rank>       a plain fine-tuning step: a LoRA of the same rank on the projections
                        MoA's expert covers (lora_baseline.py), the plain denoising loss, AdamW
     moa lowrank r<rank> the trainer's own step (training/loop.py's prepare_run and one_step:
-    moa full           MoATrainStep with the default losses, AdamW), a fresh adapter
+    moa full           MoATrainStep with the default losses, AdamW), a fresh adapter; the
+                       default background-effect loss runs the frozen base model once more
+                       (forward, no gradient): "lowrank-no-effect" is the lowrank step without it
 
 A step is forward + backward + the optimizer step. Configurations are interleaved (the order
 reversed every other round) after one untimed warm-up step each (it also creates AdamW's
@@ -38,7 +40,9 @@ from pathlib import Path
 from memory import PeakRSS, human
 from unet import COMFY_DIR, ComfyUIMissing, import_comfy, import_pack, unet_config
 
-EXPERTS = ("lora", "lowrank", "full")
+#: what --experts can time; "lowrank-no-effect" is the lowrank step with --background-effect-weight 0
+#: (no forward of the frozen base model for the background-effect loss)
+EXPERTS = ("lora", "lowrank", "full", "lowrank-no-effect")
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,8 +51,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes in px (default 256 512; 64 with --quick)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the median is reported")
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--experts", nargs="+", choices=EXPERTS, default=list(EXPERTS),
-                    help="what to time: lora (the baseline, always kept), lowrank, full")
+    ap.add_argument("--experts", nargs="+", choices=EXPERTS, default=["lora", "lowrank", "full"],
+                    help="what to time: lora (the baseline, always kept), lowrank, full, lowrank-no-effect")
     ap.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = ap.parse_args()
@@ -116,7 +120,11 @@ def moa_trainer(dm, schedule, example, expert: str, rank: int, size: int) -> Tra
     from comfyui_moa.moa_attention.training.loop import one_step, prepare_run
     from comfyui_moa.moa_attention.training.unet import checkpointed_blocks
     import torch
+    no_effect = expert.endswith("-no-effect")
+    expert = expert.removesuffix("-no-effect")
     cfg = TrainConfig(Path(), Path(), Path(), Path(), expert=expert, rank=rank, resolution=size)
+    if no_effect:
+        cfg.background_effect_weight = 0.0
     adapter = init_adapter_from_unet(dm, expert=expert, rank=rank, seed=cfg.seed,
                                      router_margin=cfg.router_margin).train()
     training = prepare_run(cfg, adapter, dm, schedule, torch.device("cpu"), 0, 1, None)
@@ -127,7 +135,8 @@ def moa_trainer(dm, schedule, example, expert: str, rank: int, size: int) -> Tra
             one_step(training, [example], shape)
         training.step += 1
     params = [p for p in adapter.parameters() if p.requires_grad]
-    return Trainer(f"moa {expert}" + (f" r{rank}" if expert == "lowrank" else ""), run, params, training.optimizer)
+    name = f"moa {expert}" + (f" r{rank}" if expert == "lowrank" else "") + (", effect 0" if no_effect else "")
+    return Trainer(name, run, params, training.optimizer)
 
 
 def make_example(size: int):
@@ -204,10 +213,10 @@ def print_tables(size: int, results: dict, weights_bytes: int, checkpointing: li
     print(f"\n{size} px (latent {size // 8}), batch 1: wall and process CPU seconds per step, median [min-max] over "
           f"the rounds; ratio = step / {base}'s step of the same round and checkpointing (wall, and CPU: on a "
           f"loaded machine the CPU seconds are the steadier)")
-    print(f"{'':22s}" + "".join(f" | ckpt {'on' if ck else 'off':3s} {'s/step':>20s} {'ratio':>20s} {'cpu s':>20s} "
+    print(f"{'':26s}" + "".join(f" | ckpt {'on' if ck else 'off':3s} {'s/step':>20s} {'ratio':>20s} {'cpu s':>20s} "
                                 f"{'cpu ratio':>20s}" for ck in checkpointing))
     for name in names:
-        row = f"{name:22s}"
+        row = f"{name:26s}"
         for ck in checkpointing:
             m = results[(name, ck)]
             ratios = [spread(paired_ratios(results, name, base, ck, key), "{:.3f}") if name != base else "1"
@@ -219,7 +228,7 @@ def print_tables(size: int, results: dict, weights_bytes: int, checkpointing: li
           f"temporaries; glibc makes it vary by tens of MiB); peak a run holds = UNet weights "
           f"({human(weights_bytes)}) + state (trainable weights and AdamW's moments) + step")
     for name in names:
-        row = f"{name:22s}"
+        row = f"{name:26s}"
         for ck in checkpointing:
             m = results[(name, ck)]
             step = max(m.rss_growth)
