@@ -3,20 +3,15 @@ projections MoA's low-rank expert covers, at the same rank, and leave the model 
 otherwise the bench's MoA-vs-LoRA ratio compares different amounts of work."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
+from comfyui_moa.bench.lora_baseline import LoRA     # the pack's one import root, as the tests import it
 from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
 from comfyui_moa.moa_attention.engine.unet_layers import find_attention_layers
 
 from support.sd_attention import CTX, DIM, Attention
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from lora_baseline import LoRA  # noqa: E402
 
 
 class Net(nn.Module):
