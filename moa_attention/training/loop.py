@@ -119,7 +119,7 @@ def run(cfg: TrainConfig) -> int:
     rank, world, local_rank = dist_info()
     device = training_device(cfg, local_rank)
     if device.type == "cuda":
-        torch.cuda.set_device(device)     # ComfyUI runs the encoders on the current CUDA device: this process's
+        torch.cuda.set_device(device)     # ComfyUI runs the encoders on the current CUDA device: this process's GPU
     if not cfg.cache_only:
         prepare_output(cfg, rank)
     records = dataset_records(cfg)
@@ -180,11 +180,12 @@ def train_adapter(cfg: TrainConfig, diffusion_model: nn.Module, alphas_cumprod: 
                   image_encoder: tuple[str, int] = (IMAGE_ENCODER_CLIP_L14, 768)) -> int:
     """Train (or --resume) a MoA adapter on pre-encoded examples: the loop `run` drives, callable
     directly (the toy-world experiment does) with any SD1.5- or SDXL-architecture diffusion model
-    and its alphas_cumprod (SDXL examples carry their `y`). Writes everything run() writes into cfg.output_dir (rank 0). `sampler(adapter,
-    step)` writes a sample at every multiple of cfg.sample_every (when set); it must leave the UNet
-    and the adapter on `device` (ComfyUI's sampler moves them). eval_examples (default: examples)
-    are what evaluate() measures into summary.json before and after. `image_encoder` (name, width)
-    is what made the examples' features: the adapter records it, a resumed one must match it.
+    and its alphas_cumprod (SDXL examples carry their `y`). Writes everything run() writes into
+    cfg.output_dir (rank 0). `sampler(adapter, step)` writes a sample at every multiple of
+    cfg.sample_every (when set); it must leave the UNet and the adapter on `device` (ComfyUI's
+    sampler moves them). eval_examples (default: examples) are what evaluate() measures into
+    summary.json before and after. `image_encoder` (name, width) is what made the examples'
+    features: the adapter records it, a resumed one must match it.
 
     Returns 0, or 130 when interrupted (a checkpoint is kept); raises NonFiniteLossError when the
     loss becomes NaN or infinite. However it ends, `diffusion_model` comes back as it came."""
