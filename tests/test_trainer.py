@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from support.datasets import write_dataset
-from support.trainer_cli import log_rows, run_in_process, train_args
+from support.trainer_cli import check_resume_reproduces, log_rows, run_in_process, train_args
 from support.waits import minutes, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,16 +130,9 @@ def test_step_casts_inputs_to_a_half_precision_unet(comfy):
 
 
 def _grad_norm(adapter, routers: bool) -> float:
+    """Gradient norm of the routers' parameters, or of everything else (experts, fusion)."""
     return float(sum(p.grad.norm() ** 2 for n, p in adapter.named_parameters()
                      if p.grad is not None and ("router" in n) == routers) ** 0.5)
-
-
-def _expert_grad_norm(adapter) -> float:
-    return _grad_norm(adapter, routers=False)
-
-
-def _router_grad_norm(adapter) -> float:
-    return _grad_norm(adapter, routers=True)
 
 
 def test_mask_routed_loss_trains_the_expert_at_full_share_from_a_fresh_router(comfy):
@@ -179,7 +172,7 @@ def test_mask_routed_loss_trains_the_expert_at_full_share_from_a_fresh_router(co
         adapter.zero_grad(set_to_none=True)
         f = step.run(batch, noise, t, with_base=False, mask_routed=routed)
         mask_routed_loss(f.pred, f.noise, f.masks, abar, cap=20.0).backward()
-        grads[routed] = (_expert_grad_norm(adapter), _router_grad_norm(adapter))
+        grads[routed] = (_grad_norm(adapter, routers=False), _grad_norm(adapter, routers=True))
     assert grads[True][0] > 20 * grads[False][0], grads      # ~1 / 0.018 = 55x
     assert grads[False][1] > 0 and grads[True][1] == 0, grads
 
@@ -268,13 +261,7 @@ def test_trained_adapter_loads_in_the_node_and_samples_through_the_server(traine
 
 
 def test_resume_continues_the_same_run(train_env, trained, tmp_path):
-    out = tmp_path / "resumed"
-    assert run_in_process(train_args(train_env, out, "--steps", "6", "--checkpoint-every", "6")) == 0
-    assert run_in_process(train_args(train_env, out, "--steps", "12", "--checkpoint-every", "6", "--resume")) == 0
-    full, resumed = log_rows(trained), log_rows(out)
-    assert [int(r["step"]) for r in resumed] == list(range(1, 13))
-    for a, b in zip(full, resumed):
-        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5, abs=1e-7), (a, b)
+    check_resume_reproduces(train_env, trained, tmp_path / "resumed", steps=12, every=6)
 
 
 def test_output_is_not_overwritten_without_force(train_env, trained, capsys):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from support.datasets import write_dataset
-from support.trainer_cli import log_rows, run_in_process, train_args
+from support.trainer_cli import check_resume_reproduces, log_rows, run_in_process, train_args
 
 PROMPT = "a photo of a dog on the grass"
 
@@ -95,13 +95,7 @@ def test_y_is_comfyuis_and_cached_with_the_latents(trained, sdxl_env, sdxl_check
 
 
 def test_sdxl_resume_continues_the_same_run(sdxl_env, trained, tmp_path):
-    out = tmp_path / "resumed"
-    assert run_in_process(train_args(sdxl_env, out, "--steps", "3", "--checkpoint-every", "3")) == 0
-    assert run_in_process(train_args(sdxl_env, out, "--steps", "6", "--checkpoint-every", "3", "--resume")) == 0
-    full, resumed = log_rows(trained), log_rows(out)
-    assert [int(r["step"]) for r in resumed] == list(range(1, 7))
-    for a, b in zip(full, resumed):
-        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5, abs=1e-7), (a, b)
+    check_resume_reproduces(sdxl_env, trained, tmp_path / "resumed", steps=6, every=3)
 
 
 def test_the_trained_adapter_runs_in_moa_apply_on_the_sdxl_model(comfy, trained, sdxl_checkpoint, tiny_vision):
