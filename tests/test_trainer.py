@@ -177,6 +177,65 @@ def test_mask_routed_loss_trains_the_expert_at_full_share_from_a_fresh_router(co
     assert grads[False][1] > 0 and grads[True][1] == 0, grads
 
 
+def test_recolour_gives_each_subject_the_next_examples_colours_and_leaves_the_rest():
+    from comfyui_moa.moa_attention.training.recolour import recolour_subjects
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1)
+    masks = torch.zeros(3, 2, 8, 8)
+    masks[:, 0, 1:4, 1:4] = 1.0
+    masks[:, 1, 5:8, 4:8] = 1.0
+    out = recolour_subjects(x0, masks)
+    inside = masks.amax(dim=1) > 0
+    torch.testing.assert_close(out[:, :, ~inside[0]], x0[:, :, ~inside[0]], rtol=0, atol=0)   # bit for bit
+    for i, j in ((0, 2), (1, 0), (2, 1)):                       # example i shows example j's colours
+        got, src = out[i][:, inside[i]], x0[j][:, inside[j]]
+        torch.testing.assert_close(got.mean(dim=1), src.mean(dim=1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.std(dim=1), src.std(dim=1), rtol=1e-4, atol=1e-5)
+        # the subject's own pattern stays: per channel a positive affine map of its pixels
+        corr = torch.corrcoef(torch.stack([got[0], x0[i][0, inside[i]]]))[0, 1]
+        assert corr > 0.999
+    torch.testing.assert_close(recolour_subjects(x0[:1], masks[:1]), x0[:1], rtol=0, atol=0)
+
+
+def test_recolour_changes_the_input_from_recolour_t_on_and_the_target_leads_back_to_the_true_picture(comfy):
+    from support.model_factory import build_sd15_model_patcher, tiny_unet_config
+    from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.engine.layer import install_layers
+    from comfyui_moa.moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.encode import Example
+    from comfyui_moa.moa_attention.training.recolour import recolour_subjects
+    from comfyui_moa.moa_attention.training.step import MoATrainStep
+    model = build_sd15_model_patcher(tiny_unet_config(model_channels=32, levels=1), seed=0)
+    unet = model.model.diffusion_model.requires_grad_(False)
+    adapter = init_adapter_from_unet(unet, rank=4)
+    install_layers(unet, adapter)
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for k in range(2):
+        masks = torch.zeros(1, 8, 8)
+        masks[:, 2 + k:6, 2:6] = 1
+        batch.append(Example(torch.randn(4, 8, 8, generator=g) + 3 * k, torch.randn(77, 768, generator=g),
+                             [[2]], [torch.randn(768, generator=g)], masks, "a dog"))
+    cfg = TrainConfig(Path(), Path(), Path(), Path(), recolour_t=500)
+    step = MoATrainStep(adapter, unet, alphas_cumprod(model.model), cfg)
+    noise, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700])
+    with torch.no_grad():
+        plain = step.run(batch, noise, t, with_base=True)
+        recoloured = step.run(batch, noise, t, with_base=True, recolour=True)
+    # below recolour_t nothing changes; from it on the input shows the other subject's colours ...
+    torch.testing.assert_close(recoloured.pred[0], plain.pred[0], rtol=0, atol=0)
+    torch.testing.assert_close(recoloured.noise[0], noise[0], rtol=0, atol=0)
+    assert (recoloured.base[1] - plain.base[1]).abs().mean() > 0.01
+    # ... and the target is the epsilon of the *true* picture: x_t - sqrt(1 - abar) target = sqrt(abar) x0
+    abar = step.alphas_cumprod[700]
+    x0 = torch.stack([e.latent for e in batch])
+    x_t = abar.sqrt() * recolour_subjects(x0, recoloured.masks)[1] + (1 - abar).sqrt() * noise[1]
+    torch.testing.assert_close((x_t - (1 - abar).sqrt() * recoloured.noise[1]) / abar.sqrt(), x0[1],
+                               rtol=1e-4, atol=1e-4)
+    assert (recoloured.noise[1] - noise[1]).abs().amax() > 0.5
+
+
 @pytest.mark.parametrize("bias", ["uniform", "cubic"])
 def test_data_parallel_ranks_draw_slices_of_the_one_process_batch(bias):
     from comfyui_moa.moa_attention.training.config import TrainConfig
@@ -193,7 +252,7 @@ def test_data_parallel_ranks_draw_slices_of_the_one_process_batch(bias):
 
 #: the trainer's off-by-default research knobs, listed apart in --help
 RESEARCH_OPTIONS = ("--router-loss-power", "--router-margin", "--subject-x0-weight", "--effect-x0-weight",
-                    "--x0-weight-cap", "--timestep-bias")
+                    "--x0-weight-cap", "--timestep-bias", "--mask-routed-weight", "--recolour-t")
 
 
 def test_help_lists_the_research_knobs_apart_under_experimental():

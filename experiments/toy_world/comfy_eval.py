@@ -43,6 +43,7 @@ class SampleSpec:
     swap_scheduler: str = "normal"
     swap_refine: int = 3
     strength: float = 1.0            # MoA Apply's strength, txt2img and swap
+    start_percent: float = 0.0       # MoA Apply's start_percent: the base alone before it
     swap_renoise: float = 0.0        # MoA Invert Photo's renoise inside the old subject's region
     sparse_threshold: float = 0.0    # MoA Apply's sparse_threshold (0 = dense soft routing)
 
@@ -108,10 +109,11 @@ def run_batches(base, adapter: LoadedAdapter, examples: list, features: list[tor
             args = (torch.zeros_like(inv), cond, unc, spec.swap_steps, spec.swap_cfg, spec.swap_sampler,
                     spec.swap_scheduler, inv)
         out["base"][idx] = _sample(base, *args)
-        soft = apply_moa(base, adapter, binds, strength=spec.strength, sparse_threshold=spec.sparse_threshold)
+        knobs = {"strength": spec.strength, "start_percent": spec.start_percent}
+        soft = apply_moa(base, adapter, binds, sparse_threshold=spec.sparse_threshold, **knobs)
         out["soft"][idx] = _sample(soft, *args)
         out["router"][idx] = get_controller(soft).recorder.average()[: len(group)]
-        out["hard"][idx] = _sample(apply_moa(base, adapter, binds, strength=spec.strength, hard_routing=True), *args)
+        out["hard"][idx] = _sample(apply_moa(base, adapter, binds, hard_routing=True, **knobs), *args)
     return out
 
 

@@ -60,6 +60,7 @@ class ToyConfig:
     swap_steps: int = 20                 # swap: MoA Invert Photo's steps and refine, regenerated at cfg 1
     swap_refine: int = 3
     strength: float = 1.0                # MoA Apply's strength when sampling (txt2img and swap)
+    start_percent: float = 0.0           # MoA Apply's start_percent when sampling (txt2img and swap)
     swap_renoise: float = 0.0            # MoA Invert Photo's renoise in the old subject's region
     sparse_threshold: float = 0.0        # MoA Apply's sparse_threshold when sampling (0 = dense soft)
     loss: dict = field(default_factory=dict)     # TrainConfig loss options (CLI overrides)
@@ -68,7 +69,8 @@ class ToyConfig:
 
 LOSS_OPTIONS = ("router_loss_weight", "router_loss_power", "subject_route_weight", "object_loss_weight",
                 "subject_loss_weight", "background_effect_weight", "router_margin", "subject_x0_weight",
-                "effect_x0_weight", "mask_routed_weight", "x0_weight_cap", "timestep_bias")
+                "effect_x0_weight", "mask_routed_weight", "x0_weight_cap", "timestep_bias",
+                "recolour_t")
 
 
 def get_base(cfg: ToyConfig, path: Path):
@@ -276,8 +278,8 @@ def evaluate(cfg: ToyConfig, out: Path, model, tc: TrainConfig, train_ids: list,
     patcher, loaded = comfy_eval.comfy_model(model), LoadedAdapter(adapter, "toy")
     spec = comfy_eval.SampleSpec(steps=cfg.sample_steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
                                  scheduler=cfg.scheduler, swap_steps=cfg.swap_steps, swap_refine=cfg.swap_refine,
-                                 strength=cfg.strength, swap_renoise=cfg.swap_renoise,
-                                 sparse_threshold=cfg.sparse_threshold)
+                                 strength=cfg.strength, start_percent=cfg.start_percent,
+                                 swap_renoise=cfg.swap_renoise, sparse_threshold=cfg.sparse_threshold)
     for k, es in enumerate(sets):
         s, pictures = comfy_eval.txt2img_numbers(patcher, loaded, judged(es), centre, spec, cfg.seed * 1000 + 20 + k)
         results[es.name].update(s)

@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute transformer blocks in "
                                                                           "backward (less memory, more compute)")
+    _add_loss_options(p, d)
+    add_data_options(p, d.split, d.coco_labels, d.max_subjects)
+    _add_run_options(p, d)
+    return p
+
+
+def _add_loss_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The losses' weights; research knobs go in their own 'experimental' section of --help."""
     x = p.add_argument_group("experimental", "research knobs: the defaults are the tested recipe (the x0 terms "
                                              "and the cubic schedule off); why each: docs/training.md")
     p.add_argument("--router-loss-weight", type=float, default=d.router_loss_weight,
@@ -73,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default=d.timestep_bias,
                    help="timestep sampling: uniform, or cubic (t = 1000 (1 - u^3), as T2I-Adapter trains: "
                         "more steps at high noise, where layout and identity are decided)")
-    add_data_options(p, d.split, d.coco_labels, d.max_subjects)
-    _add_run_options(p, d)
-    return p
+    x.add_argument("--recolour-t", type=int, default=d.recolour_t,
+                   help="noisy inputs at t >= this show each subject in another example's colours while the "
+                        "target stays the true picture, so the expert takes the colours from the reference, "
+                        "not from what the noisy input shows (needs batch >= 2; 1000: off)")
 
 
 def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:

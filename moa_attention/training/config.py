@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 TIMESTEP_BIASES = ("uniform", "cubic")
+RECOLOUR_OFF = 1000                              # recolour_t past the last timestep: never
 
 
 def default_workers() -> int:
@@ -46,6 +47,7 @@ class TrainConfig:
     mask_routed_weight: float = 0.0              # the expert on the subject, routed by its mask (ours)
     x0_weight_cap: float = 20.0                  # cap of (1 - abar) / abar in the x0-unit terms
     timestep_bias: str = "uniform"               # or "cubic" (T2I-Adapter's: more high-noise steps)
+    recolour_t: int = RECOLOUR_OFF               # inputs at t >= this show the subject recoloured (ours)
     eval_examples: int = 32                      # examples evaluate() measures before/after
     checkpoint_every: int = 500
     keep_checkpoints: int = 3

@@ -16,10 +16,11 @@ from ..engine.adapter import MoAAdapter
 from ..engine.call_state import STATE_KEY, CallState, MoASettings
 from ..scoring.metrics import auroc, change_inside_outside
 from .capture import LossCapture, share_map
-from .config import TrainConfig
+from .config import RECOLOUR_OFF, TrainConfig
 from .encode import Example
 from .losses import (background_effect_loss, background_effect_x0_loss, background_share, denoising_loss,
                      mask_routed_loss, object_loss, router_loss, subject_route_loss, subject_x0_loss)
+from .recolour import corrected_target, recolour_subjects
 
 #: routing by the subject masks alone: a strength that lifts any share above 1e-4 over one half,
 #: the masks as the region, then hard routing: the expert on the subject, the prior elsewhere,
@@ -40,7 +41,7 @@ class Forward:
     """What one MoA forward produced, in fp32."""
     pred: torch.Tensor              # [B, 4, h, w] MoA's epsilon
     base: torch.Tensor | None       # [B, 4, h, w] the frozen base model's epsilon (no MoA), when asked
-    noise: torch.Tensor
+    noise: torch.Tensor             # the target: the epsilon that leads back to the true picture
     masks: torch.Tensor             # [B, S, h, w]
     captured: list
     hw: tuple[int, int]
@@ -59,7 +60,7 @@ class MoATrainStep(nn.Module):
         self.cfg = cfg
 
     def run(self, batch: list[Example], noise: torch.Tensor, timesteps: torch.Tensor, with_base: bool,
-            settings: MoASettings | None = None, mask_routed: bool = False) -> Forward:
+            settings: MoASettings | None = None, mask_routed: bool = False, recolour: bool = False) -> Forward:
         device = self.alphas_cumprod.device
         x0 = torch.stack([e.latent for e in batch]).to(device).float()
         text = torch.stack([e.text for e in batch]).to(device)
@@ -71,7 +72,12 @@ class MoATrainStep(nn.Module):
             masks[i, : e.masks.shape[0]] = e.masks.to(device)
         noise = noise.to(device).float()
         ac = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+        x_in = x0
+        if recolour:
+            later = (timesteps >= self.cfg.recolour_t).view(-1, 1, 1, 1)
+            x_in = torch.where(later, recolour_subjects(x0, masks), x0)
+        noisy = ac.sqrt() * x_in + (1 - ac).sqrt() * noise
+        target = corrected_target(noise, x_in, x0, ac) if recolour else noise
         # as BaseModel._apply_model does: the UNet's inputs in its own dtype (ComfyUI loads SD1.5 in
         # fp16 on CUDA), the losses in fp32
         dtype = model_dtype(self.unet)
@@ -88,11 +94,13 @@ class MoATrainStep(nn.Module):
         if with_base:
             with torch.no_grad():
                 base = self.unet(noisy_m, t_m, context=text_m, y=y, transformer_options={}).float()
-        return Forward(pred, base, noise, masks, capture.layers, hw)
+        return Forward(pred, base, target, masks, capture.layers, hw)
 
     def forward(self, batch: list[Example], noise: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        f = self.run(batch, noise, timesteps, with_base=cfg.background_effect_weight > 0 or cfg.effect_x0_weight > 0)
+        recolour = cfg.recolour_t < RECOLOUR_OFF
+        f = self.run(batch, noise, timesteps, with_base=cfg.background_effect_weight > 0 or cfg.effect_x0_weight > 0,
+                     recolour=recolour)
         abar = self.alphas_cumprod[timesteps]
         losses = {"denoise": denoising_loss(f.pred, f.noise, f.masks, cfg.subject_loss_weight),
                   "router": router_loss(f.captured, f.masks, f.hw, cfg.router_loss_power),
@@ -104,7 +112,7 @@ class MoATrainStep(nn.Module):
                   "effect_x0": (background_effect_x0_loss(f.pred, f.base, f.masks, abar, cfg.x0_weight_cap)
                                 if f.base is not None else f.pred.new_zeros(()))}
         if cfg.mask_routed_weight > 0:
-            routed = self.run(batch, noise, timesteps, with_base=False, mask_routed=True)
+            routed = self.run(batch, noise, timesteps, with_base=False, mask_routed=True, recolour=recolour)
             losses["mask_routed"] = mask_routed_loss(routed.pred, routed.noise, routed.masks, abar, cfg.x0_weight_cap)
         else:
             losses["mask_routed"] = f.pred.new_zeros(())
