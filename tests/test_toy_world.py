@@ -167,6 +167,20 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
     assert len(summary["soft_top1"]["values"]) == 2 and summary["soft_top1"]["std"] >= 0.0, summary
     assert "mean ± std" in (tmp_path / "seeds" / "summary.md").read_text()
     assert (tmp_path / "seeds" / "seed1" / "grid.png").is_file()
+    # the colour / pattern / rim diagnosis of that run's adapter, on the same base and identities
+    from experiments.toy_world import diagnose
+    with one_thread():
+        assert diagnose.main(["--adapter-dir", str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "d.json"),
+                              "--base-file", str(tmp_path / "base.safetensors"), "--base-steps", "10",
+                              "--train-identities", "6", "--eval-identities", "6", "--sample-steps", "3",
+                              "--threads", "1"]) == 0
+    diagnosis = json.loads((tmp_path / "d.json").read_text())
+    assert "training the base model" not in capsys.readouterr().out
+    for key in ("as_judged", "right_pattern", "right_colours", "eroded_core", "found"):
+        assert 0.0 <= diagnosis[key] <= 1.0, diagnosis
+    # the same pictures as the run's txt2img (identities, noise, sampling): the judge's own top-1
+    assert diagnosis["as_judged"] == pytest.approx(results["unseen"]["soft_top1"]), (diagnosis, results["unseen"])
+    assert diagnosis["true_object_pixels"] > 4, diagnosis
 
 
 def test_a_cached_base_naming_a_retired_option_is_reused_only_if_it_trained_as_now(tmp_path):

@@ -1,0 +1,111 @@
+"""Which part of a drawn subject keeps a trained adapter's txt2img pictures from their own
+reference: the colours, the pattern or the object's rim?
+
+    python -m experiments.toy_world.diagnose --adapter-dir runs/toy/adapter --out runs/toy/diagnosis.json
+
+The unseen identities, noise and sampling of run.py's txt2img for the same --seed (with the
+given cfg, strength and start_percent). Each MoA picture's descriptor is ranked among its class's
+references as the judge does, then with the reference's 2 pattern numbers in place of the drawn
+ones, with the reference's 8 colour numbers in place of the drawn ones, and on the drawn
+object's mask eroded by 1 px. A diagnosis, not a judge: the oracles say which part to fix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from comfyui_moa.moa_attention.comfyui.adapters import LoadedAdapter
+from comfyui_moa.moa_attention.engine.adapter_file import load_adapter
+
+from . import base as base_mod
+from . import comfy_eval, data, encoder, world
+from .run import ToyConfig, eval_set, get_base, judged
+
+COLOURS = slice(0, 8)          # the descriptor's two colour clusters; the last 2 numbers: the pattern
+
+
+def eroded(mask: torch.Tensor) -> torch.Tensor:
+    """[H, W] mask minus its rim (pixels with a neighbour outside it)."""
+    return -torch.nn.functional.max_pool2d(-mask.float()[None, None], 3, 1, 1)[0, 0]
+
+
+def _rank(d: torch.Tensor | None, js: comfy_eval.Judged, i: int, centre: torch.Tensor) -> int:
+    return comfy_eval.rank_in_class(d, js.refs, js.classes, i, centre)
+
+
+def picture_parts(latent: torch.Tensor, background: str, js: comfy_eval.Judged, i: int,
+                  centre: torch.Tensor) -> dict[str, float] | None:
+    """Top-1 of picture i as judged and with each oracle; its colour error and object size."""
+    d = comfy_eval.drawn_descriptor(latent, background)
+    if d is None:
+        return None
+    ref = js.refs[i]
+    right_pattern, right_colours = d.clone(), d.clone()
+    right_pattern[COLOURS.stop:] = ref[COLOURS.stop:]
+    right_colours[COLOURS] = ref[COLOURS]
+    mask = world.object_mask_from_latent(latent, background)
+    core = eroded(mask)
+    d_core = encoder.descriptor(latent, core) if core.sum() >= 4 else None
+    return {"as_judged": float(_rank(d, js, i, centre) == 1),
+            "right_pattern": float(_rank(right_pattern, js, i, centre) == 1),
+            "right_colours": float(_rank(right_colours, js, i, centre) == 1),
+            "eroded_core": float(_rank(d_core, js, i, centre) == 1),
+            "colour_error": float((d[COLOURS] - ref[COLOURS]).norm()),
+            "object_pixels": float(mask.sum())}
+
+
+def diagnose(cfg: ToyConfig, base_file: Path, adapter_dir: Path) -> dict[str, float]:
+    """Mean of picture_parts over the unseen set (a picture without an object counts 0 top-1)."""
+    model, _ = get_base(cfg, base_file)
+    train_ids = world.identities(cfg.train_identities, cfg.seed * 1000 + 1)
+    unseen = eval_set("unseen", world.identities(cfg.eval_identities, cfg.seed * 1000 + 2), cfg.seed * 1000 + 4)
+    centre = torch.stack([encoder.descriptor(*data.reference(i, torch.Generator().manual_seed(k)))
+                          for k, i in enumerate(train_ids)]).mean(0)
+    adapter = load_adapter(adapter_dir / "adapter.safetensors").eval().requires_grad_(False)
+    spec = comfy_eval.SampleSpec(steps=cfg.sample_steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
+                                 scheduler=cfg.scheduler, strength=cfg.strength, start_percent=cfg.start_percent)
+    js = judged(unseen)
+    _, pictures = comfy_eval.txt2img_numbers(comfy_eval.comfy_model(model), LoadedAdapter(adapter, "toy"), js,
+                                             centre, spec, cfg.seed * 1000 + 20)
+    parts = [picture_parts(x, bg, js, i, centre) for i, (x, bg) in enumerate(zip(pictures["soft"], js.backgrounds))]
+    found = [p for p in parts if p is not None]
+    n = len(parts)
+    out = {k: sum(p[k] for p in found) / n for k in ("as_judged", "right_pattern", "right_colours", "eroded_core")}
+    out.update({k: sum(p[k] for p in found) / max(len(found), 1) for k in ("colour_error", "object_pixels")})
+    out["base_object_pixels"] = sum(float(world.object_mask_from_latent(x, bg).sum())
+                                    for x, bg in zip(pictures["base"], js.backgrounds)) / n
+    out["true_object_pixels"] = sum(float(e.masks[0].sum()) for e in unseen.examples) / n
+    out["found"] = len(found) / n
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = ToyConfig()
+    p = argparse.ArgumentParser(prog="python -m experiments.toy_world.diagnose", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter-dir", type=Path, required=True, help="a run's adapter folder (out/adapter)")
+    p.add_argument("--base-file", type=Path, default=Path("runs/toy_base.safetensors"))
+    p.add_argument("--out", type=Path, default=None, help="write the numbers here as JSON too")
+    for k in ("seed", "train_identities", "eval_identities", "sample_steps", "cfg_scale", "strength",
+              "start_percent"):
+        p.add_argument(f"--{k.replace('_', '-')}", type=type(getattr(d, k)), default=getattr(d, k))
+    p.add_argument("--base-steps", type=int, default=d.base.steps, help="the cached base's (as run.py's)")
+    p.add_argument("--base-channels", type=int, default=d.base.model_channels, help="the cached base's (as run.py's)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ns = vars(p.parse_args(argv))
+    torch.set_num_threads(ns.pop("threads"))
+    adapter_dir, base_file, out = ns.pop("adapter_dir"), ns.pop("base_file"), ns.pop("out")
+    base_cfg = base_mod.BaseConfig(steps=ns.pop("base_steps"), model_channels=ns.pop("base_channels"))
+    numbers = diagnose(ToyConfig(**ns, base=base_cfg), base_file, adapter_dir)
+    text = json.dumps(numbers, indent=2)
+    if out is not None:
+        out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
