@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter-dir", type=Path, required=True, help="a run's adapter folder (out/adapter)")
     p.add_argument("--base-file", type=Path, default=Path("runs/toy_base.safetensors"))
     p.add_argument("--out", type=Path, default=None, help="write the numbers here as JSON too")
-    for k in ("seed", "train_identities", "eval_identities", "sample_steps", "cfg_scale", "strength",
-              "start_percent"):
+    for k in ("seed", "train_identities", "eval_identities", "sample_steps", "cfg_scale", "sampler",
+              "scheduler", "strength", "start_percent"):
         p.add_argument(f"--{k.replace('_', '-')}", type=type(getattr(d, k)), default=getattr(d, k))
     p.add_argument("--base-steps", type=int, default=d.base.steps, help="the cached base's (as run.py's)")
     p.add_argument("--base-channels", type=int, default=d.base.model_channels, help="the cached base's (as run.py's)")
