@@ -7,7 +7,8 @@ The unseen identities, noise and sampling of run.py's txt2img for the same --see
 given sampler, scheduler, cfg, strength and start_percent). Each MoA picture's descriptor is
 ranked among its class's references as the judge does, then with the reference's 2 pattern
 numbers in place of the drawn ones, with the reference's 8 colour numbers in place of the drawn
-ones, and on the drawn object's mask eroded by 1 px. A diagnosis, not a judge: the oracles say which part to fix.
+ones, and on the drawn object's mask eroded by 1 px. A diagnosis, not a judge: the oracles say
+which part to fix.
 """
 from __future__ import annotations
 
