@@ -128,21 +128,28 @@ def test_adapter_carries_the_identity_of_unseen_subjects(toy_run):
 
 
 def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_path, capsys):
-    """The experiment's one command (its README), cut to seconds: it trains and caches the base,
-    trains the adapter, evaluates unseen and seen identities and writes the table, results and
-    grids; a second run with the same base config reuses the cached file instead of training it again."""
+    """The experiment's one command (its README) with two adapter seeds, cut to seconds: it trains
+    and caches the base, trains each seed's adapter, evaluates unseen and seen identities and writes
+    the tables, results, grids and the summary with the spread; diagnose.py then reuses the cached
+    base (same config) instead of training it again."""
+    from experiments.toy_world import diagnose
     from experiments.toy_world import run as toy
     from PIL import Image
-    args = ["--out", str(tmp_path / "run"), "--base-file", str(tmp_path / "base.safetensors"), "--threads", "1",
-            "--base-steps", "10", "--steps", "4", "--batch-size", "4", "--train-identities", "6",
-            "--scenes-per-identity", "1", "--eval-identities", "6", "--sample-steps", "3"]
+    base = ["--base-file", str(tmp_path / "base.safetensors"), "--base-steps", "10", "--train-identities", "6",
+            "--eval-identities", "6", "--sample-steps", "3", "--threads", "1"]
     with one_thread():
-        assert toy.main(args) == 0
+        assert toy.main(base + ["--out", str(tmp_path / "seeds"), "--adapter-seeds", "2", "--steps", "4",
+                                "--batch-size", "4", "--scenes-per-identity", "1", "--swap-steps", "3",
+                                "--swap-refine", "1"]) == 0
         first = capsys.readouterr().out
-        assert toy.main(args + ["--adapter-seeds", "2", "--out", str(tmp_path / "seeds")]) == 0
+        # the colour / pattern / rim diagnosis of seed 0's adapter, on the same base and identities
+        assert diagnose.main(base + ["--adapter-dir", str(tmp_path / "seeds" / "seed0" / "adapter"),
+                                     "--out", str(tmp_path / "d.json")]) == 0
         again = capsys.readouterr().out
-    assert "training the base model (10 steps)" in first
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert first.count("training the base model (10 steps)") == 1, first
+    assert "reusing the base model" in again and "training the base model" not in again, again
+    run = tmp_path / "seeds" / "seed0"
+    results = json.loads((run / "results.json").read_text())
     for name in ("unseen", "seen"):
         r = results[name]
         for lo, hi in toy.T_RANGES:
@@ -156,26 +163,17 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
     for key in ("swap_change_in", "swap_soft_new_top1", "swap_soft_old_top1", "swap_base_old_top1",
                 "swap_base_reconstruction_error"):
         assert isinstance(results["unseen"][key], float), (key, results["unseen"][key])
-    table = (tmp_path / "run" / "table.md").read_text()
+    table = (run / "table.md").read_text()
     assert table.count("| unseen") == 4 and table.count("| seen") == 3 and "old identity top-1" in table
-    grid = Image.open(tmp_path / "run" / "grid.png")
+    grid = Image.open(run / "grid.png")
     assert grid.size == (2 + 5 * (16 * 8 + 2), 2 + 6 * (16 * 8 + 2))  # 6 identities x (ref, base, MoA, map, hard)
-    assert Image.open(tmp_path / "run" / "grid_swap.png").size[0] == 2 + 6 * (16 * 8 + 2)
+    assert Image.open(run / "grid_swap.png").size[0] == 2 + 6 * (16 * 8 + 2)
     assert results["train_summary"]["steps"] == 4
-    assert "reusing the base model" in again and "training the base model" not in again
+    assert (tmp_path / "seeds" / "seed1" / "grid.png").is_file()
     summary = json.loads((tmp_path / "seeds" / "summary.json").read_text())
     assert len(summary["soft_top1"]["values"]) == 2 and summary["soft_top1"]["std"] >= 0.0, summary
     assert "mean ± std" in (tmp_path / "seeds" / "summary.md").read_text()
-    assert (tmp_path / "seeds" / "seed1" / "grid.png").is_file()
-    # the colour / pattern / rim diagnosis of that run's adapter, on the same base and identities
-    from experiments.toy_world import diagnose
-    with one_thread():
-        assert diagnose.main(["--adapter-dir", str(tmp_path / "run" / "adapter"), "--out", str(tmp_path / "d.json"),
-                              "--base-file", str(tmp_path / "base.safetensors"), "--base-steps", "10",
-                              "--train-identities", "6", "--eval-identities", "6", "--sample-steps", "3",
-                              "--threads", "1"]) == 0
     diagnosis = json.loads((tmp_path / "d.json").read_text())
-    assert "training the base model" not in capsys.readouterr().out
     for key in ("as_judged", "right_pattern", "right_colours", "eroded_core", "found"):
         assert 0.0 <= diagnosis[key] <= 1.0, diagnosis
     # the same pictures as the run's txt2img (identities, noise, sampling): the judge's own top-1
