@@ -174,11 +174,30 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
     assert len(summary["soft_top1"]["values"]) == 2 and summary["soft_top1"]["std"] >= 0.0, summary
     assert "mean ± std" in (tmp_path / "seeds" / "summary.md").read_text()
     diagnosis = json.loads((tmp_path / "d.json").read_text())
-    for key in ("as_judged", "right_pattern", "right_colours", "eroded_core", "found"):
+    for key in ("as_judged", "right_pattern", "right_colours", "eroded_core", "found", "split_alignment",
+                "base_found", "base_split_alignment"):
         assert 0.0 <= diagnosis[key] <= 1.0, diagnosis
+    assert diagnosis["midpoint_error"] >= 0 and diagnosis["split_ratio"] >= 0, diagnosis
     # the same pictures as the run's txt2img (identities, noise, sampling): the judge's own top-1
     assert diagnosis["as_judged"] == pytest.approx(results["unseen"]["soft_top1"]), (diagnosis, results["unseen"])
     assert diagnosis["true_object_pixels"] > 4, diagnosis
+
+
+def test_colour_split_separates_the_hue_from_the_split_axis():
+    """diagnose.colour_split: the reference itself (either cluster order) misses nothing; a pair
+    with the right midpoint split along an orthogonal axis has the midpoint and the split length
+    right and the split's alignment 0."""
+    from experiments.toy_world.diagnose import colour_split
+    a, b = torch.tensor([2.0, 0, 0, 0]), torch.tensor([0.0, 2, 0, 0])
+    ref = torch.cat([a, b, torch.tensor([1.0, 0.0])])
+    for drawn in (ref, torch.cat([b, a, ref[8:]])):
+        assert colour_split(drawn, ref) == pytest.approx({"midpoint_error": 0, "split_ratio": 1, "split_alignment": 1})
+    mid, ortho = (a + b) / 2, torch.tensor([0.0, 0, 2 ** 0.5, 0])
+    off_axis = torch.cat([mid - ortho, mid + ortho, ref[8:]])
+    assert colour_split(off_axis, ref) == pytest.approx({"midpoint_error": 0, "split_ratio": 1, "split_alignment": 0},
+                                                        abs=1e-6)
+    shifted = torch.cat([a + 1, b + 1, ref[8:]])
+    assert colour_split(shifted, ref)["midpoint_error"] == pytest.approx(2.0)
 
 
 def test_a_cached_base_naming_a_retired_option_is_reused_only_if_it_trained_as_now(tmp_path):

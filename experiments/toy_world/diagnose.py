@@ -7,8 +7,10 @@ The unseen identities, noise and sampling of run.py's txt2img for the same --see
 given sampler, scheduler, cfg, strength and start_percent). Each MoA picture's descriptor is
 ranked among its class's references as the judge does, then with the reference's 2 pattern
 numbers in place of the drawn ones, with the reference's 8 colour numbers in place of the drawn
-ones, and on the drawn object's mask eroded by 1 px. A diagnosis, not a judge: the oracles say
-which part to fix.
+ones, and on the drawn object's mask eroded by 1 px. The colour pair's miss is split in two: its
+midpoint (the object's hue on average) and the axis along which it splits into two colours (the
+same numbers for the base's pictures beside them). A diagnosis, not a judge: the oracles say which
+part to fix.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from . import comfy_eval, data, encoder, world
 from .run import ToyConfig, eval_set, get_base, judged
 
 COLOURS = slice(0, 8)          # the descriptor's two colour clusters; the last 2 numbers: the pattern
+SPLIT = ("midpoint_error", "split_ratio", "split_alignment")
+TOP1 = ("as_judged", "right_pattern", "right_colours", "eroded_core")
 
 
 def eroded(mask: torch.Tensor) -> torch.Tensor:
@@ -35,6 +39,16 @@ def eroded(mask: torch.Tensor) -> torch.Tensor:
 
 def _rank(d: torch.Tensor | None, js: comfy_eval.Judged, i: int, centre: torch.Tensor) -> int:
     return comfy_eval.rank_in_class(d, js.refs, js.classes, i, centre)
+
+
+def colour_split(d: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """How the drawn colour pair misses the reference's: its midpoint (the hue on average) and its
+    split (the two colours apart, as far as and along the reference's two)."""
+    drawn, true = d[COLOURS].view(2, -1), ref[COLOURS].view(2, -1)
+    gap_d, gap_t = drawn[1] - drawn[0], true[1] - true[0]
+    return {"midpoint_error": float((drawn.mean(0) - true.mean(0)).norm()),
+            "split_ratio": float(gap_d.norm() / gap_t.norm().clamp_min(1e-6)),
+            "split_alignment": float(torch.nn.functional.cosine_similarity(gap_d, gap_t, dim=0).abs())}
 
 
 def picture_parts(latent: torch.Tensor, background: str, js: comfy_eval.Judged, i: int,
@@ -55,7 +69,7 @@ def picture_parts(latent: torch.Tensor, background: str, js: comfy_eval.Judged, 
             "right_colours": float(_rank(right_colours, js, i, centre) == 1),
             "eroded_core": float(_rank(d_core, js, i, centre) == 1),
             "colour_error": float((d[COLOURS] - ref[COLOURS]).norm()),
-            "object_pixels": float(mask.sum())}
+            "object_pixels": float(mask.sum()), **colour_split(d, ref)}
 
 
 def diagnose(cfg: ToyConfig, base_file: Path, adapter_dir: Path) -> dict[str, float]:
@@ -71,15 +85,20 @@ def diagnose(cfg: ToyConfig, base_file: Path, adapter_dir: Path) -> dict[str, fl
     js = judged(unseen)
     _, pictures = comfy_eval.txt2img_numbers(comfy_eval.comfy_model(model), LoadedAdapter(adapter, "toy"), js,
                                              centre, spec, cfg.seed * 1000 + 20)
-    parts = [picture_parts(x, bg, js, i, centre) for i, (x, bg) in enumerate(zip(pictures["soft"], js.backgrounds))]
+    out, base = ([picture_parts(x, bg, js, i, centre) for i, (x, bg) in enumerate(zip(pictures[k], js.backgrounds))]
+                 for k in ("soft", "base"))
+    out, base = _means(out), _means(base)
+    out.update({f"base_{k}": base[k] for k in ("colour_error", "object_pixels", "found", *SPLIT)})
+    out["true_object_pixels"] = sum(float(e.masks[0].sum()) for e in unseen.examples) / len(unseen.examples)
+    return out
+
+
+def _means(parts: list[dict | None]) -> dict[str, float]:
+    """Top-1s over all pictures (one without an object counts 0), the rest over those found."""
     found = [p for p in parts if p is not None]
-    n = len(parts)
-    out = {k: sum(p[k] for p in found) / n for k in ("as_judged", "right_pattern", "right_colours", "eroded_core")}
-    out.update({k: sum(p[k] for p in found) / max(len(found), 1) for k in ("colour_error", "object_pixels")})
-    out["base_object_pixels"] = sum(float(world.object_mask_from_latent(x, bg).sum())
-                                    for x, bg in zip(pictures["base"], js.backgrounds)) / n
-    out["true_object_pixels"] = sum(float(e.masks[0].sum()) for e in unseen.examples) / n
-    out["found"] = len(found) / n
+    out = {k: sum(p[k] for p in found) / len(parts) for k in TOP1}
+    out.update({k: sum(p[k] for p in found) / max(len(found), 1) for k in ("colour_error", "object_pixels", *SPLIT)})
+    out["found"] = len(found) / len(parts)
     return out
 
 
