@@ -178,26 +178,40 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
                 "base_found", "base_split_alignment"):
         assert 0.0 <= diagnosis[key] <= 1.0, diagnosis
     assert diagnosis["midpoint_error"] >= 0 and diagnosis["split_ratio"] >= 0, diagnosis
+    for t in diagnose.SPLIT_TS:
+        assert 0.0 <= diagnosis[f"x0_split_alignment_moa_t{t}"] <= 1.0, diagnosis
+        # the posterior mean between the two true colours lies on the segment between them
+        assert diagnosis[f"x0_split_alignment_oracle_t{t}"] > 0.99, diagnosis
     # the same pictures as the run's txt2img (identities, noise, sampling): the judge's own top-1
     assert diagnosis["as_judged"] == pytest.approx(results["unseen"]["soft_top1"]), (diagnosis, results["unseen"])
     assert diagnosis["true_object_pixels"] > 4, diagnosis
 
 
 def test_colour_split_separates_the_hue_from_the_split_axis():
-    """diagnose.colour_split: the reference itself (either cluster order) misses nothing; a pair
-    with the right midpoint split along an orthogonal axis has the midpoint and the split length
-    right and the split's alignment 0."""
+    """diagnose.colour_split: the true colours themselves (either cluster order) miss nothing; a
+    pair with the right midpoint split along an orthogonal axis has the midpoint and the split
+    length right and the split's alignment 0."""
     from experiments.toy_world.diagnose import colour_split
     a, b = torch.tensor([2.0, 0, 0, 0]), torch.tensor([0.0, 2, 0, 0])
-    ref = torch.cat([a, b, torch.tensor([1.0, 0.0])])
-    for drawn in (ref, torch.cat([b, a, ref[8:]])):
-        assert colour_split(drawn, ref) == pytest.approx({"midpoint_error": 0, "split_ratio": 1, "split_alignment": 1})
+    true, pattern = torch.stack([a, b]), torch.tensor([1.0, 0.0])
+    for drawn in (torch.cat([a, b, pattern]), torch.cat([b, a, pattern])):
+        assert colour_split(drawn, true) == pytest.approx({"midpoint_error": 0, "split_ratio": 1, "split_alignment": 1})
     mid, ortho = (a + b) / 2, torch.tensor([0.0, 0, 2 ** 0.5, 0])
-    off_axis = torch.cat([mid - ortho, mid + ortho, ref[8:]])
-    assert colour_split(off_axis, ref) == pytest.approx({"midpoint_error": 0, "split_ratio": 1, "split_alignment": 0},
-                                                        abs=1e-6)
-    shifted = torch.cat([a + 1, b + 1, ref[8:]])
-    assert colour_split(shifted, ref)["midpoint_error"] == pytest.approx(2.0)
+    off_axis = torch.cat([mid - ortho, mid + ortho, pattern])
+    assert colour_split(off_axis, true) == pytest.approx({"midpoint_error": 0, "split_ratio": 1, "split_alignment": 0},
+                                                         abs=1e-6)
+    assert colour_split(torch.cat([a + 1, b + 1, pattern]), true)["midpoint_error"] == pytest.approx(2.0)
+
+
+def test_posterior_mean_is_the_nearer_colour_when_the_noise_is_small_and_the_midpoint_when_it_is_large():
+    from experiments.toy_world.diagnose import posterior_mean
+    a, b = torch.tensor([2.0, 0, 0, 0]), torch.tensor([0.0, 2, 0, 0])
+    pairs = torch.stack([a, b])[None]                                   # one scene
+    x0 = torch.stack([a, b], dim=1).view(1, 4, 1, 2)                    # pixel 0 colour a, pixel 1 colour b
+    clean = posterior_mean(0.999 ** 0.5 * x0, pairs, torch.tensor(0.999))
+    assert torch.allclose(clean, x0, atol=1e-4), clean
+    noisy = posterior_mean(0.001 ** 0.5 * x0, pairs, torch.tensor(0.001))
+    assert torch.allclose(noisy, ((a + b) / 2).view(1, 4, 1, 1).expand(1, 4, 1, 2), atol=0.01), noisy
 
 
 def test_a_cached_base_naming_a_retired_option_is_reused_only_if_it_trained_as_now(tmp_path):

@@ -21,15 +21,19 @@ from pathlib import Path
 import torch
 
 from comfyui_moa.moa_attention.comfyui.adapters import LoadedAdapter
+from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
 from comfyui_moa.moa_attention.engine.adapter_file import load_adapter
+from comfyui_moa.moa_attention.engine.layer import install_layers
+from comfyui_moa.moa_attention.training.step import MoATrainStep
 
 from . import base as base_mod
 from . import comfy_eval, data, encoder, world
-from .run import ToyConfig, eval_set, get_base, judged
+from .run import EvalSet, ToyConfig, eval_set, get_base, judged, train_config
 
 COLOURS = slice(0, 8)          # the descriptor's two colour clusters; the last 2 numbers: the pattern
 SPLIT = ("midpoint_error", "split_ratio", "split_alignment")
 TOP1 = ("as_judged", "right_pattern", "right_colours", "eroded_core")
+SPLIT_TS = (200, 400, 600, 800, 950)
 
 
 def eroded(mask: torch.Tensor) -> torch.Tensor:
@@ -41,10 +45,16 @@ def _rank(d: torch.Tensor | None, js: comfy_eval.Judged, i: int, centre: torch.T
     return comfy_eval.rank_in_class(d, js.refs, js.classes, i, centre)
 
 
-def colour_split(d: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """How the drawn colour pair misses the reference's: its midpoint (the hue on average) and its
-    split (the two colours apart, as far as and along the reference's two)."""
-    drawn, true = d[COLOURS].view(2, -1), ref[COLOURS].view(2, -1)
+def colour_pairs(identities: list) -> torch.Tensor:
+    """[n, 2, 4] each identity's two colours."""
+    return torch.tensor([[i.colour_a, i.colour_b] for i in identities])
+
+
+def colour_split(d: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+    """How a descriptor's colour pair misses the identity's two colours `true` [2, 4]: its
+    midpoint (the hue on average) and its split (the two colours apart, as far as and along the
+    true two; |cos| of random directions in 4-d averages 0.42)."""
+    drawn = d[COLOURS].view(2, -1)
     gap_d, gap_t = drawn[1] - drawn[0], true[1] - true[0]
     return {"midpoint_error": float((drawn.mean(0) - true.mean(0)).norm()),
             "split_ratio": float(gap_d.norm() / gap_t.norm().clamp_min(1e-6)),
@@ -52,7 +62,7 @@ def colour_split(d: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def picture_parts(latent: torch.Tensor, background: str, js: comfy_eval.Judged, i: int,
-                  centre: torch.Tensor) -> dict[str, float] | None:
+                  centre: torch.Tensor, pair: torch.Tensor) -> dict[str, float] | None:
     """Top-1 of picture i as judged and with each oracle; its colour error and object size."""
     d = comfy_eval.drawn_descriptor(latent, background)
     if d is None:
@@ -69,7 +79,7 @@ def picture_parts(latent: torch.Tensor, background: str, js: comfy_eval.Judged, 
             "right_colours": float(_rank(right_colours, js, i, centre) == 1),
             "eroded_core": float(_rank(d_core, js, i, centre) == 1),
             "colour_error": float((d[COLOURS] - ref[COLOURS]).norm()),
-            "object_pixels": float(mask.sum()), **colour_split(d, ref)}
+            "object_pixels": float(mask.sum()), **colour_split(d, pair)}
 
 
 def diagnose(cfg: ToyConfig, base_file: Path, adapter_dir: Path) -> dict[str, float]:
@@ -80,16 +90,54 @@ def diagnose(cfg: ToyConfig, base_file: Path, adapter_dir: Path) -> dict[str, fl
     centre = torch.stack([encoder.descriptor(*data.reference(i, torch.Generator().manual_seed(k)))
                           for k, i in enumerate(train_ids)]).mean(0)
     adapter = load_adapter(adapter_dir / "adapter.safetensors").eval().requires_grad_(False)
+    uninstall = install_layers(model.diffusion_model, adapter)
+    tc = train_config(cfg, base_file, adapter_dir, len(unseen.examples))
+    one_step = one_step_split(MoATrainStep(adapter, model.diffusion_model, alphas_cumprod(model), tc), unseen,
+                              cfg.seed * 1000 + 25)
+    uninstall()
     spec = comfy_eval.SampleSpec(steps=cfg.sample_steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
                                  scheduler=cfg.scheduler, strength=cfg.strength, start_percent=cfg.start_percent)
     js = judged(unseen)
     _, pictures = comfy_eval.txt2img_numbers(comfy_eval.comfy_model(model), LoadedAdapter(adapter, "toy"), js,
                                              centre, spec, cfg.seed * 1000 + 20)
-    out, base = ([picture_parts(x, bg, js, i, centre) for i, (x, bg) in enumerate(zip(pictures[k], js.backgrounds))]
-                 for k in ("soft", "base"))
+    pairs = colour_pairs(unseen.identities)
+    out, base = ([picture_parts(x, js.backgrounds[i], js, i, centre, pairs[i]) for i, x in enumerate(latents)]
+                 for latents in (pictures["soft"], pictures["base"]))
     out, base = _means(out), _means(base)
     out.update({f"base_{k}": base[k] for k in ("colour_error", "object_pixels", "found", *SPLIT)})
     out["true_object_pixels"] = sum(float(e.masks[0].sum()) for e in unseen.examples) / len(unseen.examples)
+    return {**out, **one_step}
+
+
+def posterior_mean(noisy: torch.Tensor, pairs: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """[n, 4, H, W] each pixel's expected x0 if it is one of its scene's two colours (pairs
+    [n, 2, 4]): what a denoiser that knows the identity, but not the pattern's phase, estimates."""
+    a, b = pairs[:, 0, :, None, None], pairs[:, 1, :, None, None]
+    dist = [((noisy - abar.sqrt() * c) ** 2).sum(1) for c in (a, b)]
+    w = torch.sigmoid((dist[1] - dist[0]) / (2 * (1 - abar)))[:, None]
+    return w * a + (1 - w) * b
+
+
+@torch.no_grad()
+def one_step_split(step: MoATrainStep, es: EvalSet, seed: int, ts: tuple[int, ...] = SPLIT_TS) -> dict[str, float]:
+    """Each scene noised to t, one step: the colour pair of the x0 estimate inside the scene's
+    mask against the reference's (midpoint error, split alignment), for MoA, the base and the
+    posterior mean of a denoiser that knows the two colours."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.stack([e.masks[0] for e in es.examples])
+    x0 = torch.stack([e.latent for e in es.examples])
+    pairs = colour_pairs(es.identities)
+    out = {}
+    for t in ts:
+        noise = torch.randn(x0.shape, generator=g)
+        f = step.run(es.examples, noise, torch.full((len(x0),), t), with_base=True)
+        a = step.alphas_cumprod[t]
+        ests = {name: x0 + ((1 - a) / a).sqrt() * (noise - eps) for name, eps in (("moa", f.pred), ("base", f.base))}
+        ests["oracle"] = posterior_mean(a.sqrt() * x0 + (1 - a).sqrt() * noise, pairs, a)
+        for name, est in ests.items():
+            parts = [colour_split(encoder.descriptor(x, m), pair) for x, m, pair in zip(est, masks, pairs)]
+            for k in ("midpoint_error", "split_alignment"):
+                out[f"x0_{k}_{name}_t{t}"] = sum(p[k] for p in parts) / len(parts)
     return out
 
 
