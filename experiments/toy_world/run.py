@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the run's other options must match it")
     p.add_argument("--base-steps", type=int, default=d.base.steps)
     p.add_argument("--base-channels", type=int, default=d.base.model_channels,
-                   help="the base UNet's model_channels (32: 1.6M parameters; 64: 5.2M, draws cleaner objects)")
+                   help="the base UNet's model_channels (32: 1.6M parameters; 64: 5.2M)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads (default: all cores; use 1 when other jobs share the cores)")
     ns = vars(p.parse_args(argv))
