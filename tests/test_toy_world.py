@@ -204,6 +204,8 @@ def test_colour_split_separates_the_hue_from_the_split_axis():
 
 
 def test_posterior_mean_is_the_nearer_colour_when_the_noise_is_small_and_the_midpoint_when_it_is_large():
+    """diagnose.posterior_mean, the one-step oracle: each pixel's own colour at t near 0, the two
+    colours' midpoint at pure noise."""
     from experiments.toy_world.diagnose import posterior_mean
     a, b = torch.tensor([2.0, 0, 0, 0]), torch.tensor([0.0, 2, 0, 0])
     pairs = torch.stack([a, b])[None]                                   # one scene

@@ -63,7 +63,8 @@ def colour_split(d: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
 
 def picture_parts(latent: torch.Tensor, background: str, js: comfy_eval.Judged, i: int,
                   centre: torch.Tensor, pair: torch.Tensor) -> dict[str, float] | None:
-    """Top-1 of picture i as judged and with each oracle; its colour error and object size."""
+    """Top-1 of picture i as judged and with each oracle; its colour error, colour split and object
+    size."""
     d = comfy_eval.drawn_descriptor(latent, background)
     if d is None:
         return None
@@ -121,8 +122,8 @@ def posterior_mean(noisy: torch.Tensor, pairs: torch.Tensor, abar: torch.Tensor)
 @torch.no_grad()
 def one_step_split(step: MoATrainStep, es: EvalSet, seed: int, ts: tuple[int, ...] = SPLIT_TS) -> dict[str, float]:
     """Each scene noised to t, one step: the colour pair of the x0 estimate inside the scene's
-    mask against the reference's (midpoint error, split alignment), for MoA, the base and the
-    posterior mean of a denoiser that knows the two colours."""
+    mask against the identity's two colours (midpoint error, split alignment), for MoA, the base
+    and the posterior mean of a denoiser that knows the two colours."""
     g = torch.Generator().manual_seed(seed)
     masks = torch.stack([e.masks[0] for e in es.examples])
     x0 = torch.stack([e.latent for e in es.examples])
