@@ -28,7 +28,7 @@ from comfyui_moa.moa_attention.training.step import MoATrainStep
 
 from . import base as base_mod
 from . import comfy_eval, data, encoder, world
-from .run import EvalSet, ToyConfig, eval_set, get_base, judged, train_config
+from .run import EvalSet, ToyConfig, eval_set, get_base, judged, one_step_x0, train_config
 
 COLOURS = slice(0, 8)          # the descriptor's two colour clusters; the last 2 numbers: the pattern
 SPLIT = ("midpoint_error", "split_ratio", "split_alignment")
@@ -131,9 +131,8 @@ def one_step_split(step: MoATrainStep, es: EvalSet, seed: int, ts: tuple[int, ..
     out = {}
     for t in ts:
         noise = torch.randn(x0.shape, generator=g)
-        f = step.run(es.examples, noise, torch.full((len(x0),), t), with_base=True)
+        ests = one_step_x0(step, es, t, noise)
         a = step.alphas_cumprod[t]
-        ests = {name: x0 + ((1 - a) / a).sqrt() * (noise - eps) for name, eps in (("moa", f.pred), ("base", f.base))}
         ests["oracle"] = posterior_mean(a.sqrt() * x0 + (1 - a).sqrt() * noise, pairs, a)
         for name, est in ests.items():
             parts = [colour_split(encoder.descriptor(x, m), pair) for x, m, pair in zip(est, masks, pairs)]

@@ -139,6 +139,15 @@ IDENTITY_TS = (600, 800, 950)
 
 
 @torch.no_grad()
+def one_step_x0(step: MoATrainStep, es: EvalSet, t: int, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The x0 estimates of MoA and the base after one UNet step from each scene noised to t."""
+    f = step.run(es.examples, noise, torch.full((len(es.examples),), t), with_base=True)
+    a = step.alphas_cumprod[t]
+    x0 = torch.stack([e.latent for e in es.examples])
+    return {name: x0 + ((1 - a) / a).sqrt() * (noise - eps) for name, eps in (("moa", f.pred), ("base", f.base))}
+
+
+@torch.no_grad()
 def one_step_identity(step: MoATrainStep, es: EvalSet, centre: torch.Tensor, seed: int,
                       ts: tuple[int, ...] = IDENTITY_TS) -> dict:
     """Each scene noised to t, one UNet step with and without MoA: is the subject's identity in
@@ -151,11 +160,7 @@ def one_step_identity(step: MoATrainStep, es: EvalSet, centre: torch.Tensor, see
     out = {}
     for t in ts:
         noise = torch.randn((len(es.examples), *es.examples[0].latent.shape), generator=g)
-        f = step.run(es.examples, noise, torch.full((len(es.examples),), t), with_base=True)
-        a = step.alphas_cumprod[t]
-        x0 = torch.stack([e.latent for e in es.examples])
-        for name, eps in (("moa", f.pred), ("base", f.base)):
-            est = x0 + ((1 - a) / a).sqrt() * (noise - eps)
+        for name, est in one_step_x0(step, es, t, noise).items():
             top1 = [comfy_eval.rank_in_class(encoder.descriptor(x, m), es.refs, classes, i, centre) == 1
                     for i, (x, m) in zip(own, zip(est, masks))]
             out[f"x0_top1_{name}_t{t}"] = sum(top1) / len(top1)
