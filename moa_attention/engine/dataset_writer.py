@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import MoAInputError
-from .files import atomic_write
+from .files import atomic_write, exclusive
 
 MANIFEST = "manifest.jsonl"
 FOLDERS = ("images", "masks", "refs")
@@ -133,17 +133,20 @@ def _save_png(path: Path, pixels: torch.Tensor) -> None:
 
 
 def _append_line(manifest: Path, row: dict) -> None:
-    """One write on an O_APPEND descriptor: concurrent writers' lines never interleave."""
+    """One write on an O_APPEND descriptor: concurrent writers' lines never interleave. The lock
+    keeps the check for a missing last newline and the write together, so two writers never both
+    add the newline (an empty line)."""
     line = json.dumps(row, ensure_ascii=False) + "\n"
     fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
-        size = os.fstat(fd).st_size
-        if size:                                # a hand-edited manifest may lack its last newline
-            with open(manifest, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    line = "\n" + line
-        os.write(fd, line.encode("utf-8"))
+        with exclusive(fd):
+            size = os.fstat(fd).st_size
+            if size:                            # a hand-edited manifest may lack its last newline
+                with open(manifest, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        line = "\n" + line
+            os.write(fd, line.encode("utf-8"))
     finally:
         os.close(fd)
 
