@@ -120,11 +120,29 @@ def test_float32_round_trip_is_exact_with_metadata(io, adapters, tmp_path, exper
 
     meta = io.read_adapter_metadata(path)
     assert meta["moa.format"] == "comfyui-moa"
-    assert meta["moa.format_version"] == "1" and io.FORMAT_VERSION == 2     # SD1.5 files stay version 1
-    assert set(meta) == set(io.METADATA_KEYS) - {"moa.text_streams"}
+    assert meta["moa.format_version"] == "1" and io.FORMAT_VERSION == 3     # SD1.5 files stay version 1
+    assert set(meta) == set(io.METADATA_KEYS) - {"moa.text_streams", "moa.identity_tokens"}
     assert meta["moa.base"] == "sd15" and meta["moa.expert"] == expert
     assert json.loads(meta["moa.layers"])[1] == [ATTN2_PATH, "attn2", 32, 768, 32, 8]
     assert json.loads(meta["moa.training"]) == TRAINING
+
+
+def test_identity_tokens_round_trip_in_format_3(io, unet, tmp_path):
+    """Several identity tokens per subject: format 3 with the count in the header, the fusion's
+    fc2 K times as wide; a header that claims another count is refused by the fc2 shape."""
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    adapter = init_adapter_from_unet(unet, rank=4, fusion_hidden=FUSION_HIDDEN, identity_tokens=3)
+    with torch.no_grad():
+        adapter.fusion.fc2.weight.normal_()
+    path = io.save_adapter(adapter, tmp_path / "k3.safetensors", dtype=torch.float32)
+    meta = io.read_adapter_metadata(path)
+    assert (meta["moa.format_version"], meta["moa.identity_tokens"]) == ("3", "3")
+    assert load_file(str(path))["fusion.fc2.weight"].shape == (3 * 768, FUSION_HIDDEN)
+    loaded = io.load_adapter(path)
+    assert loaded.config.identity_tokens == 3 == loaded.fusion.tokens
+    assert torch.equal(loaded.fusion.fc2.weight, adapter.fusion.fc2.weight)
+    path2 = _write(io, adapter, tmp_path / "k2.safetensors", meta=_set("moa.identity_tokens", "2"))
+    _refused(io, path2, r"tensor fusion\.fc2\.bias has shape \[2304\], the header's layers need \[1536\]")
 
 
 def test_file_uses_documented_key_names_and_shapes(io, adapters, tmp_path):
@@ -301,7 +319,7 @@ def _drop(key):
 
 BAD_METADATA = [
     ("future-version", _set("moa.format_version", "99"),
-     r"written in adapter format 99, this comfyui-moa reads up to 2\. Update comfyui-moa"),
+     r"written in adapter format 99, this comfyui-moa reads up to 3\. Update comfyui-moa"),
     ("version-not-a-number", _set("moa.format_version", "one"),
      r"unreadable format version 'one'\. Re-export the adapter with the MoA trainer"),
     ("sdxl-base-in-format-1", _set("moa.base", "sdxl"),
@@ -322,6 +340,10 @@ BAD_METADATA = [
     ("rank-not-a-number", _set("moa.rank", "sixteen"),
      r"header metadata is incomplete or malformed \(ValueError.*Re-export the adapter"),
     ("unknown-expert", _set("moa.expert", "dense"), r"unknown expert kind 'dense'.*Re-export the adapter"),
+    ("identity-tokens-in-format-1", _set("moa.identity_tokens", "2"),
+     r"2 identity tokens per subject in a format 1 header \(1 or more, and more than 1 only from format 3 on\)\. "
+     r"Re-export the adapter"),
+    ("no-identity-tokens", _set("moa.identity_tokens", "0"), r"0 identity tokens per subject.*Re-export the adapter"),
     ("negative-rank", _set("moa.rank", "-1"),
      r"header metadata is incomplete or malformed \(RuntimeError.*negative dimension.*Re-export the adapter"),
     ("negative-width", _set("moa.layers", json.dumps([[ATTN2_PATH, "attn2", 32, -768, 32, 8]])),

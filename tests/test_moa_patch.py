@@ -284,6 +284,32 @@ def test_long_prompts_repeated_to_batch_length_are_recognised(comfy, engine, tin
     assert moa.get_attachment("moa").recorder.layers, "the repeated 77-token prompt was not recognised"
 
 
+def test_identity_tokens_reach_the_personalized_attention_of_a_repeated_prompt(comfy, engine, tiny_model):
+    """An adapter with 2 identity tokens per subject: the fused prompt is the 77 rows plus one
+    token. Batched beside a 154-token negative, ComfyUI repeats the positive to 154 rows; MoA
+    must still recognise it and give the layers the repeated prompt plus the token, and the
+    picture must depend on that token."""
+    from comfyui_moa.moa_attention.engine.fusion import fuse_prompt
+    plain, pos, _ = conds(length=77)
+    _, _, long_neg = conds(seed=9, length=154)
+    ad = engine[0].init_adapter_from_unet(tiny_model.get_model_object("diffusion_model"), rank=4, identity_tokens=2)
+    perturb(ad)
+    force_router(ad, True)
+    with torch.no_grad():
+        fused = fuse_prompt(ad.fusion, plain, [([5], torch.randn(768))])
+    assert fused.shape == (78, 768)
+    repeated = bind(engine, plain, fused)[0].fused_like(torch.cat([plain, plain]))
+    assert repeated.shape == (155, 768) and torch.equal(repeated[77:154], fused[:77]) and torch.equal(repeated[154], fused[77])
+    other = fused.clone()
+    other[77] += 3.0
+    pictures = []
+    for f in (fused, other):
+        moa = engine[2].apply_moa(tiny_model, ad, bind(engine, plain, f))
+        pictures.append(sample(comfy, moa, pos, long_neg))
+        assert moa.get_attachment("moa").recorder.layers, "the repeated 77-token prompt was not recognised"
+    assert (pictures[0] - pictures[1]).abs().max() > 1e-3, "the identity token after the prompt changed nothing"
+
+
 def tiny_controlnet(unet_config: dict, seed: int = 5):
     """A ControlNet of the tiny UNet's shape, through ComfyUI's own classes."""
     import comfy.cldm.cldm

@@ -129,6 +129,42 @@ def test_step_casts_inputs_to_a_half_precision_unet(comfy):
     assert all(p.grad is None for p in unet.parameters())
 
 
+def test_identity_tokens_train_with_examples_of_different_subject_counts(comfy, monkeypatch):
+    """identity_tokens=2: an example with two subjects has one more token than an example with
+    one; the step pads the shorter prompt, the object loss sees each subject's further token, and
+    the fusion's further-token weights get a gradient."""
+    from support.model_factory import build_sd15_model_patcher, tiny_unet_config
+    from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+    from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
+    from comfyui_moa.moa_attention.engine.layer import install_layers
+    from comfyui_moa.moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.encode import Example
+    from comfyui_moa.moa_attention.training.step import MoATrainStep
+    model = build_sd15_model_patcher(tiny_unet_config(model_channels=32, levels=1), seed=0)
+    unet = model.model.diffusion_model.requires_grad_(False)
+    adapter = init_adapter_from_unet(unet, rank=4, router_margin=1.0, identity_tokens=2)
+    install_layers(unet, adapter)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 8, 8)
+    masks[0, 1:4, 1:4] = masks[1, 5:8, 5:8] = 1
+    two = Example(torch.randn(4, 8, 8, generator=g), torch.randn(77, 768, generator=g), [[2], [5]],
+                  [torch.randn(768, generator=g), torch.randn(768, generator=g)], masks, "a dog and a cat")
+    one = Example(torch.randn(4, 8, 8, generator=g), torch.randn(77, 768, generator=g), [[2]],
+                  [torch.randn(768, generator=g)], masks[:1], "a dog")
+    from comfyui_moa.moa_attention.training import step as step_mod
+    seen, capture = [], step_mod.LossCapture
+    monkeypatch.setattr(step_mod, "LossCapture", lambda tokens: seen.append(tokens) or capture(tokens))
+    step = MoATrainStep(adapter, unet, alphas_cumprod(model.model), TrainConfig(Path(), Path(), Path(), Path()))
+    f = step.run([two, one], torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700, 300]), with_base=False)
+    assert seen == [[[[2, 77], [5, 78]], [[2, 77]]]], "the object loss must see each subject's further token"
+    maps = next(c.maps for c in f.captured if c.maps is not None)
+    assert [len(m) for m in maps] == [2, 1]
+    losses = step([two, one], torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700, 300]))
+    losses["object"].backward()
+    further = adapter.fusion.fc2.weight.grad.view(2, 768, -1)[1]
+    assert torch.isfinite(losses["loss"]) and further.abs().sum() > 0, "the further token gets no gradient"
+
+
 def _grad_norm(adapter, routers: bool) -> float:
     """Gradient norm of the routers' parameters, or of everything else (experts, fusion)."""
     return float(sum(p.grad.norm() ** 2 for n, p in adapter.named_parameters()
@@ -252,7 +288,7 @@ def test_data_parallel_ranks_draw_slices_of_the_one_process_batch(bias):
 
 #: the trainer's off-by-default research knobs, listed apart in --help
 RESEARCH_OPTIONS = ("--router-loss-power", "--router-margin", "--subject-x0-weight", "--effect-x0-weight",
-                    "--x0-weight-cap", "--timestep-bias", "--mask-routed-weight", "--recolour-t")
+                    "--x0-weight-cap", "--timestep-bias", "--mask-routed-weight", "--recolour-t", "--identity-tokens")
 
 
 def test_help_lists_the_research_knobs_apart_under_experimental():

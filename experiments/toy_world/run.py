@@ -53,6 +53,7 @@ class ToyConfig:
     lr: float = 2e-3
     expert: str = "lowrank"
     rank: int = 16
+    identity_tokens: int = 1             # fused tokens per subject (the trainer's --identity-tokens)
     sample_steps: int = 20               # txt2img: KSampler's steps, cfg, sampler and scheduler
     cfg_scale: float = 3.0
     sampler: str = "ddim"
@@ -255,6 +256,7 @@ def table(results: dict) -> str:
 def train_config(cfg: ToyConfig, base_path: Path, adapter_dir: Path, eval_examples: int) -> TrainConfig:
     return TrainConfig(base=base_path, clip_vision=Path("toy-encoder"), data=Path("toy-world"),
                        output_dir=adapter_dir, expert=cfg.expert, rank=cfg.rank, resolution=world.SIZE * 8,
+                       identity_tokens=cfg.identity_tokens,
                        batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps, seed=cfg.seed, checkpoint_every=0,
                        log_every=10, eval_examples=eval_examples, force=True, device="cpu", **cfg.loss)
 

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.call_state import CallState, MoASettings, Observer, halving_grid
+from ..engine.fusion import stack_prompts
 from ..engine.masks import resize_mask
 
 
 @dataclass
 class SubjectBinding:
     """One prompt that MoA fused: the plain text-encoder output the sampler will see, and the
-    same prompt with the subjects' tokens replaced by fused embeddings.
+    same prompt with the subjects' tokens replaced by fused embeddings (and, for an adapter with
+    several identity tokens per subject, the further tokens after it: [L + E, D]).
 
     `fused` may hold one prompt per latent of the batch ([K, L, D], a morph sequence: latent i
     gets fused[i % K]). With per-subject regions, `subject_fused` [S, L, D] (or [K, S, L, D])
@@ -26,7 +28,7 @@ class SubjectBinding:
     [S, H, W] where each subject may appear; `region` is then their union. `latent_batch`: how
     many latents the morph made for the sampler (None without a morph)."""
     plain: torch.Tensor                     # [L, D]
-    fused: torch.Tensor                     # [L, D] or [K, L, D]
+    fused: torch.Tensor                     # [L + E, D] or [K, L + E, D]
     region: torch.Tensor | None = None      # [H, W] in [0, 1], image or latent space; None = anywhere
     subject_fused: torch.Tensor | None = None
     subject_regions: torch.Tensor | None = None
@@ -59,16 +61,24 @@ class SubjectBinding:
     def _for_latent(self, t: torch.Tensor, base_ndim: int, latent_index: int) -> torch.Tensor:
         return t[latent_index % t.shape[0]] if t.ndim > base_ndim else t
 
+    def _repeated_like(self, fused: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """fused [..., L + E, D] with its prompt part repeated as ComfyUI repeated `row`; the E
+        extra identity tokens (fusion.py) follow once."""
+        n = self.plain.shape[0]
+        times = row.shape[0] // n
+        if times == 1:
+            return fused
+        prompt, extra = fused[..., :n, :], fused[..., n:, :]
+        return torch.cat([prompt.repeat(*([1] * (fused.ndim - 2)), times, 1), extra], dim=-2)
+
     def fused_like(self, row: torch.Tensor, latent_index: int = 0) -> torch.Tensor:
-        fused = self._for_latent(self._cast_to("fused", row), 2, latent_index)
-        return fused.repeat(row.shape[0] // fused.shape[0], 1)
+        return self._repeated_like(self._for_latent(self._cast_to("fused", row), 2, latent_index), row)
 
     def subject_fused_like(self, row: torch.Tensor, latent_index: int = 0) -> torch.Tensor | None:
         """[S, L', D] one prompt per subject, repeated like `row`."""
         if self.subject_fused is None:
             return None
-        fused = self._for_latent(self._cast_to("subject_fused", row), 3, latent_index)
-        return fused.repeat(1, row.shape[0] // fused.shape[1], 1)
+        return self._repeated_like(self._for_latent(self._cast_to("subject_fused", row), 3, latent_index), row)
 
 
 def comfy_token_grid(latent_hw: tuple[int, int]):
@@ -130,7 +140,7 @@ def build_call_state(context: torch.Tensor, transformer_options: dict, bindings:
     else:
         union = _latent_regions(regions, latent_hw, context.device)
     return CallState(rows=torch.tensor(rows, dtype=torch.long, device=context.device),
-                     personal_context=torch.stack(contexts), regions=union,
+                     personal_context=stack_prompts(contexts, context.shape[1]), regions=union,
                      latent_index=latent_index, settings=settings, latent_hw=latent_hw, latent_batch=chunk,
                      observers=observers, token_grid=comfy_token_grid(latent_hw),
                      subject_contexts=subject_contexts, subject_regions=subject_regions)

@@ -33,6 +33,7 @@ class AdapterConfig:
     text_dim: int = 768
     image_dim: int = 768
     fusion_hidden: int = 768
+    identity_tokens: int = 1          # fused tokens per subject (fusion.py)
     training: dict = field(default_factory=dict)
 
 
@@ -65,7 +66,8 @@ class MoAAdapter(nn.Module):
         self.config = config
         self.layers = nn.ModuleDict({module_key(s.path): MoALayerWeights(s, config.expert, config.rank)
                                      for s in config.layers})
-        self.fusion = FusionMLP(config.text_dim, config.image_dim, config.fusion_hidden, text_streams(config))
+        self.fusion = FusionMLP(config.text_dim, config.image_dim, config.fusion_hidden, text_streams(config),
+                                config.identity_tokens)
 
     def layer(self, path: str) -> MoALayerWeights:
         return self.layers[module_key(path)]

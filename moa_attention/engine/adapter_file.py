@@ -10,7 +10,8 @@ Keys (PATH is the attention module's path inside the diffusion model, for exampl
     expert "lowrank":  PATH.expert.{to_q,to_k,to_v,to_out}.down [r, in]  and  .up [out, r]
                        (W_personal = W_prior + up @ down)
     fusion.norm.weight [T]  fusion.norm.bias [T]
-    fusion.fc1.weight [H, T+I]  fusion.fc1.bias [H]  fusion.fc2.weight [T, H]  fusion.fc2.bias [T]
+    fusion.fc1.weight [H, T+I]  fusion.fc1.bias [H]  fusion.fc2.weight [K*T, H]  fusion.fc2.bias [K*T]
+                       (K = identity tokens per subject, 1 unless the header says otherwise)
 
 Header metadata (all strings, as safetensors requires): see METADATA_KEYS. Reading never
 unpickles anything: a file that is not safetensors is refused, not "tried with torch.load".
@@ -34,14 +35,17 @@ from .unet_layers import LayerSpec
 
 FORMAT_NAME = "comfyui-moa"
 #: the newest format this pack reads
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: the format each base's files are written in: SD1.5 files stay version 1 (every release reads
 #: them); SDXL files are version 2, so a pack without SDXL support asks for an update
 BASE_FORMAT_VERSION = {"sd15": 1, "sdxl": 2}
+#: files with several identity tokens per subject are version 3, so an older pack asks for an
+#: update instead of failing on the fusion's shape
+IDENTITY_TOKENS_VERSION = 3
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 METADATA_KEYS = ("moa.format", "moa.format_version", "moa.base", "moa.expert", "moa.rank",
                  "moa.image_encoder", "moa.image_dim", "moa.text_dim", "moa.fusion_hidden",
-                 "moa.layers", "moa.training", "moa.text_streams")
+                 "moa.layers", "moa.training", "moa.text_streams", "moa.identity_tokens")
 
 
 def _module_to_file_key(key: str) -> str:
@@ -58,12 +62,21 @@ def file_state_dict(adapter: MoAAdapter) -> dict[str, torch.Tensor]:
     return {_module_to_file_key(k): v for k, v in adapter.state_dict().items()}
 
 
+def format_version(config: AdapterConfig) -> int:
+    """The oldest format that holds this adapter: its base's, or 3 with several identity tokens."""
+    version = BASE_FORMAT_VERSION.get(config.base, FORMAT_VERSION)
+    return max(version, IDENTITY_TOKENS_VERSION) if config.identity_tokens > 1 else version
+
+
 def metadata_of(config: AdapterConfig) -> dict[str, str]:
     """The header; "moa.text_streams" (the text encoders side by side in `text_dim`, which the
-    fusion normalises one by one) only from format 2 on, so SD1.5 headers stay as they were."""
-    version = BASE_FORMAT_VERSION.get(config.base, FORMAT_VERSION)
-    streams = {"moa.text_streams": json.dumps([[n, w] for n, w in BASES[config.base].text_streams])} \
+    fusion normalises one by one) only from format 2 on and "moa.identity_tokens" only from
+    format 3 on, so older headers stay as they were."""
+    version = format_version(config)
+    later = {"moa.text_streams": json.dumps([[n, w] for n, w in BASES[config.base].text_streams])} \
         if version >= 2 and config.base in BASES else {}
+    if version >= IDENTITY_TOKENS_VERSION:
+        later["moa.identity_tokens"] = str(config.identity_tokens)
     return {
         "moa.format": FORMAT_NAME,
         "moa.format_version": str(version),
@@ -76,7 +89,7 @@ def metadata_of(config: AdapterConfig) -> dict[str, str]:
         "moa.fusion_hidden": str(config.fusion_hidden),
         "moa.layers": json.dumps([s.as_list() for s in config.layers]),
         "moa.training": json.dumps(config.training, sort_keys=True),
-        **streams,
+        **later,
     }
 
 
@@ -120,10 +133,15 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
             layers=layers, expert=meta["moa.expert"], rank=int(meta["moa.rank"]), base=base.name,
             image_encoder=meta["moa.image_encoder"], text_dim=int(meta["moa.text_dim"]),
             image_dim=int(meta["moa.image_dim"]), fusion_hidden=int(meta["moa.fusion_hidden"]),
+            identity_tokens=int(meta.get("moa.identity_tokens", "1")),
             training=json.loads(meta.get("moa.training") or "{}"))
     except (KeyError, ValueError, TypeError) as e:
         raise _fail(path, f"its header metadata is incomplete or malformed ({type(e).__name__}: {e})",
                     "Re-export the adapter with the MoA trainer") from None
+    if config.identity_tokens < 1 or (config.identity_tokens > 1 and version < IDENTITY_TOKENS_VERSION):
+        raise _fail(path, f"{config.identity_tokens} identity tokens per subject in a format {version} header "
+                          f"(1 or more, and more than 1 only from format {IDENTITY_TOKENS_VERSION} on)",
+                    "Re-export the adapter with the MoA trainer")
     if config.expert not in ("full", "lowrank"):
         raise _fail(path, f"unknown expert kind {config.expert!r} (expected 'full' or 'lowrank')",
                     "Re-export the adapter with the MoA trainer")

@@ -235,7 +235,8 @@ def _start_adapter(cfg: TrainConfig, unet: nn.Module, device: torch.device, rank
     else:
         name, dim = image_encoder
         adapter = init_adapter_from_unet(unet, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed,
-                                         router_margin=cfg.router_margin, image_encoder=name, image_dim=dim)
+                                         router_margin=cfg.router_margin, image_encoder=name, image_dim=dim,
+                                         identity_tokens=cfg.identity_tokens)
     adapter.config.training = {k: str(v) for k, v in asdict(cfg).items()}
     adapter.to(device).train()
     return adapter, checkpoints[-1] if checkpoints else None

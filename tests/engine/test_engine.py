@@ -14,7 +14,7 @@ from comfyui_moa.moa_attention.engine import adapter_file
 from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
 from comfyui_moa.moa_attention.engine.call_state import STATE_KEY, CallState, LayerEvent, MoASettings, halving_grid
 from comfyui_moa.moa_attention.engine.errors import ClassWordError, MoAError, MoAInputError, SubjectImageError
-from comfyui_moa.moa_attention.engine.fusion import fuse_prompt
+from comfyui_moa.moa_attention.engine.fusion import fuse_prompt, identity_rows, stack_prompts
 from comfyui_moa.moa_attention.engine.layer import MoAAttention, install_layers
 from comfyui_moa.moa_attention.engine.prompt_tokens import WordTokens, bind_subjects
 from comfyui_moa.moa_attention.engine.router import apply_strength, hard_route
@@ -195,6 +195,34 @@ def test_fusion_changes_only_the_bound_tokens_and_a_fresh_one_changes_nothing(ne
     fused = fuse_prompt(ad.fusion, plain, [([2, 3], feature)])
     changed = (fused != plain).any(dim=1)
     assert changed.tolist() == [False, False, True, True, False, False, False]
+
+
+def test_identity_tokens_follow_the_prompt_one_set_per_subject(net):
+    """tokens=3: each subject's first token replaces its class word(s) as with one token, its two
+    further tokens (fused at its last class-word position) follow the prompt in subject order."""
+    ad = init_adapter_from_unet(net, rank=4, identity_tokens=3)
+    plain, fa, fb = torch.randn(7, 768), torch.randn(768), torch.randn(768)
+    fresh = fuse_prompt(ad.fusion, plain, [([2, 3], fa), ([5], fb)])
+    assert fresh.shape == (11, 768) and torch.equal(fresh[:7], plain)
+    assert torch.equal(fresh[7:9], plain[[3, 3]]) and torch.equal(fresh[9:], plain[[5, 5]])   # fresh: text copies
+    ad.fusion.fc2.weight.data.normal_(0, 0.1)
+    fused = fuse_prompt(ad.fusion, plain, [([2, 3], fa), ([5], fb)])
+    tokens = ad.fusion(plain[[3]], fa)[0]                                     # [3, 768] of subject A's last word token
+    close = dict(atol=1e-5, rtol=1e-5)                                         # one row vs two: matmul rounding
+    assert torch.allclose(fused[3], tokens[0], **close) and torch.allclose(fused[7:9], tokens[1:], **close)
+    assert torch.allclose(fused[9:], ad.fusion(plain[[5]], fb)[0, 1:], **close)
+    assert not torch.allclose(fused[7], fused[8], atol=1e-3), "the further tokens are distinct"
+    assert (fused[:7] != plain).any(dim=1).tolist() == [False, False, True, True, False, True, False]
+    assert identity_rows([[2, 3], [5]], 7, 3) == [[2, 3, 7, 8], [5, 9, 10]]
+    assert identity_rows([[2, 3], [5]], 7, 1) == [[2, 3], [5]]
+
+
+def test_prompts_with_fewer_identity_tokens_are_padded_with_their_last_prompt_row():
+    one, two = torch.randn(5, 4), torch.randn(7, 4)           # prompts of 4 rows + 1 and + 3 identity tokens
+    stacked = stack_prompts([one, two], 4)
+    assert stacked.shape == (2, 7, 4) and torch.equal(stacked[1], two) and torch.equal(stacked[0, :5], one)
+    assert torch.equal(stacked[0, 5:], one[[3, 3]]), "padding repeats the last prompt row, never an identity token"
+    assert torch.equal(stack_prompts([one, one], 4), torch.stack([one, one]))
 
 
 def test_class_words_bind_left_to_right_and_refuse_with_the_tokens():
