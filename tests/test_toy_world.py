@@ -182,6 +182,10 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
         assert 0.0 <= diagnosis[f"x0_split_alignment_moa_t{t}"] <= 1.0, diagnosis
         # the posterior mean between the two true colours lies on the segment between them
         assert diagnosis[f"x0_split_alignment_oracle_t{t}"] > 0.99, diagnosis
+    # the noisy input read as it is: its colours drown in the noise as t grows, where knowing the
+    # two colours keeps the estimate near them
+    assert diagnosis["x0_midpoint_error_input_t200"] < 0.5 * diagnosis["x0_midpoint_error_input_t950"], diagnosis
+    assert diagnosis["x0_midpoint_error_oracle_t950"] < 0.5 * diagnosis["x0_midpoint_error_input_t950"], diagnosis
     # the same pictures as the run's txt2img (identities, noise, sampling): the judge's own top-1
     assert diagnosis["as_judged"] == pytest.approx(results["unseen"]["soft_top1"]), (diagnosis, results["unseen"])
     assert diagnosis["true_object_pixels"] > 4, diagnosis

@@ -291,7 +291,7 @@ RESEARCH_OPTIONS = ("--router-loss-power", "--router-margin", "--subject-x0-weig
                     "--x0-weight-cap", "--timestep-bias", "--mask-routed-weight", "--recolour-t", "--identity-tokens")
 
 
-def test_help_lists_the_research_knobs_apart_under_experimental():
+def test_help_lists_the_research_knobs_apart_under_experimental(capsys):
     from comfyui_moa.moa_attention.training.cli import build_parser, parse_args
     from comfyui_moa.moa_attention.training.config import TrainConfig
     main, found, experimental = build_parser().format_help().partition("\nexperimental:\n")
@@ -307,6 +307,9 @@ def test_help_lists_the_research_knobs_apart_under_experimental():
     assert cfg == TrainConfig(Path("b"), Path("c"), Path("d"), Path("o"))
     assert parse_args(["--base", "b", "--clip-vision", "c", "--data", "d", "--output-dir", "o",
                        "--timestep-bias", "cubic", "--router-margin", "4"]).router_margin == 4.0
+    with pytest.raises(SystemExit):
+        parse_args(["--base", "b", "--clip-vision", "c", "--data", "d", "--output-dir", "o", "--identity-tokens", "0"])
+    assert "--identity-tokens a number >= 1" in capsys.readouterr().err
 
 
 def test_trainer_state_comes_back_exactly_also_from_files_with_the_old_extra_entry(tmp_path):

@@ -122,8 +122,9 @@ def posterior_mean(noisy: torch.Tensor, pairs: torch.Tensor, abar: torch.Tensor)
 @torch.no_grad()
 def one_step_split(step: MoATrainStep, es: EvalSet, seed: int, ts: tuple[int, ...] = SPLIT_TS) -> dict[str, float]:
     """Each scene noised to t, one step: the colour pair of the x0 estimate inside the scene's
-    mask against the identity's two colours (midpoint error, split alignment), for MoA, the base
-    and the posterior mean of a denoiser that knows the two colours."""
+    mask against the identity's two colours (midpoint error, split alignment), for MoA, the base,
+    the posterior mean of a denoiser that knows the two colours and the noisy input itself
+    (x_t / sqrt(abar): a denoiser that removes nothing, which a good one should beat)."""
     g = torch.Generator().manual_seed(seed)
     masks = torch.stack([e.masks[0] for e in es.examples])
     x0 = torch.stack([e.latent for e in es.examples])
@@ -133,7 +134,8 @@ def one_step_split(step: MoATrainStep, es: EvalSet, seed: int, ts: tuple[int, ..
         noise = torch.randn(x0.shape, generator=g)
         ests = one_step_x0(step, es, t, noise)
         a = step.alphas_cumprod[t]
-        ests["oracle"] = posterior_mean(a.sqrt() * x0 + (1 - a).sqrt() * noise, pairs, a)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        ests["oracle"], ests["input"] = posterior_mean(noisy, pairs, a), noisy / a.sqrt()
         for name, est in ests.items():
             parts = [colour_split(encoder.descriptor(x, m), pair) for x, m, pair in zip(est, masks, pairs)]
             for k in ("midpoint_error", "split_alignment"):

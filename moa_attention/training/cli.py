@@ -121,8 +121,9 @@ def _add_run_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.estimate < 0 or ns.max_subjects < 1 or ns.workers < 0:
-        parser.error("--estimate takes a number of steps >= 0, --max-subjects a number >= 1, --workers >= 0")
+    if ns.estimate < 0 or ns.max_subjects < 1 or ns.workers < 0 or ns.identity_tokens < 1:
+        parser.error("--estimate takes a number of steps >= 0, --max-subjects and --identity-tokens a number >= 1, "
+                     "--workers >= 0")
     if ns.output_dir is None and not ns.cache_only:
         parser.error("--output-dir is required (but with --cache-only)")
     cfg = TrainConfig(**{k: v for k, v in vars(ns).items()})
