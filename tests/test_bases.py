@@ -216,6 +216,20 @@ def test_the_trainer_records_the_image_encoder_it_was_given_and_refuses_another_
         train_adapter(_config(tmp_path / "other"), unet, schedule, _examples(1, 768), "cpu", image_encoder=vit_h)
 
 
+def test_the_trainer_writes_identity_tokens_in_format_3_and_resumes_only_with_the_same_count(tiny_model, tmp_path):
+    from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+    from comfyui_moa.moa_attention.engine.adapter_file import load_adapter, read_adapter_metadata
+    from comfyui_moa.moa_attention.training.loop import train_adapter
+    unet, schedule, out = tiny_model.model.diffusion_model, alphas_cumprod(tiny_model.model), tmp_path / "run"
+    assert train_adapter(_config(out, identity_tokens=2), unet, schedule, _examples(1, 768), "cpu") == 0
+    meta = read_adapter_metadata(out / "adapter.safetensors")
+    assert (meta["moa.format_version"], meta["moa.identity_tokens"]) == ("3", "2")
+    assert load_adapter(out / "adapter.safetensors").fusion.tokens == 2
+    with pytest.raises(ValueError, match=r"^--identity-tokens is 1, but the checkpoint being resumed "
+                                         r"\(.*step_000001\) was trained with 2\. Pass that run's --identity-tokens"):
+        train_adapter(_config(out, steps=2, resume=True), unet, schedule, _examples(1, 768), "cpu")
+
+
 def test_the_trainer_refuses_to_resume_a_checkpoint_of_another_unet(tiny_model, tmp_path):
     """A run resumed on another --base architecture (here a smaller SD1.5-shaped UNet; an SDXL one for
     an SD1.5 run differs alike) is refused before any layer is patched."""

@@ -231,6 +231,7 @@ def _start_adapter(cfg: TrainConfig, unet: nn.Module, device: torch.device, rank
         adapter = load_adapter(checkpoints[-1] / "adapter.safetensors")
         _check_resumed_unet(adapter, unet, checkpoints[-1])
         _check_resumed_encoder(adapter, image_encoder, checkpoints[-1])
+        _check_resumed_tokens(adapter, cfg.identity_tokens, checkpoints[-1])
         adapter.requires_grad_(True)
     else:
         name, dim = image_encoder
@@ -258,6 +259,14 @@ def _check_resumed_encoder(adapter: MoAAdapter, image_encoder: tuple[str, int], 
             f"--clip-vision is {name} ({dim}-d image embeddings), but the checkpoint being resumed ({checkpoint}) "
             f"was trained with {adapter.config.image_encoder} ({adapter.config.image_dim}-d). Pass that run's "
             f"--clip-vision, or train into a new --output-dir")
+
+
+def _check_resumed_tokens(adapter: MoAAdapter, identity_tokens: int, checkpoint: Path) -> None:
+    if adapter.config.identity_tokens != identity_tokens:
+        raise ModelMismatchError(
+            f"--identity-tokens is {identity_tokens}, but the checkpoint being resumed ({checkpoint}) was trained "
+            f"with {adapter.config.identity_tokens}. Pass that run's --identity-tokens, or train into a new "
+            f"--output-dir")
 
 
 def _checked(examples: Sequence[Example]) -> Sequence[Example]:
