@@ -80,8 +80,9 @@ def fuse_prompt(fusion: FusionMLP, plain: torch.Tensor,
         idx = torch.tensor(positions, dtype=torch.long, device=plain.device)
         tokens = fusion(plain[idx].float(), feature.float().to(plain.device)).to(plain.dtype)
         fused[idx] = tokens[:, 0]
-        extra.append(tokens[-1, 1:])
-    return torch.cat([fused, *extra]) if extra and fusion.tokens > 1 else fused
+        if fusion.tokens > 1:
+            extra.append(tokens[-1, 1:])
+    return torch.cat([fused, *extra]) if extra else fused
 
 
 def identity_rows(positions: list[list[int]], length: int, tokens: int) -> list[list[int]]:

@@ -65,8 +65,9 @@ class MoATrainStep(nn.Module):
         device = self.alphas_cumprod.device
         x0 = torch.stack([e.latent for e in batch]).to(device).float()
         text = torch.stack([e.text for e in batch]).to(device)
+        length = text.shape[1]
         fused = stack_prompts([fused_context(self.adapter.fusion, e.text.to(device), e.positions, e.features)
-                               for e in batch], text.shape[1])
+                               for e in batch], length)
         s_max = max(e.masks.shape[0] for e in batch)
         masks = torch.zeros(len(batch), s_max, *x0.shape[-2:], device=device)
         for i, e in enumerate(batch):
@@ -84,7 +85,7 @@ class MoATrainStep(nn.Module):
         dtype = model_dtype(self.unet)
         noisy_m, text_m, t_m = noisy.to(dtype), text.to(dtype), timesteps.float()
         y = torch.stack([e.y for e in batch]).to(device, dtype) if batch[0].y is not None else None   # SDXL
-        capture = LossCapture([identity_rows(e.positions, e.text.shape[0], self.adapter.fusion.tokens) for e in batch])
+        capture = LossCapture([identity_rows(e.positions, length, self.adapter.fusion.tokens) for e in batch])
         hw = (int(x0.shape[-2]), int(x0.shape[-1]))
         if mask_routed:
             state = CallState.whole_batch(fused.to(dtype), hw, MASK_ROUTED, regions=masks.amax(dim=1, keepdim=True))
