@@ -1,6 +1,6 @@
-"""Data-parallel training on existing launchers, on CPU (gloo): accelerate with 2 processes,
-torchrun as 2 nodes x 1 process joined through a c10d rendezvous on the loopback address, and a
-resumed multi-process run. N processes with batch b train on exactly the examples, noise and
+"""Data-parallel training on existing launchers, on CPU (gloo): a run started by accelerate with
+2 processes and resumed by torchrun as 2 nodes x 1 process, joined through a c10d rendezvous on
+the loopback address. N processes with batch b train on exactly the examples, noise and
 timesteps of 1 process with batch N*b (the global batch is drawn from (seed, step) and each
 rank takes its slice), so the adapters agree up to the order of floating-point sums."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 #: fp32 adapters (the step-4 checkpoints) of 1 process vs 2 get the same gradients summed in another
 #: order (equal to ~1e-7); AdamW divides by sqrt(v), so where a gradient is ~0 that rounding shows
-#: up in the update (the torchrun test prints the difference beside what the last two steps moved).
+#: up in the update (the test prints the difference beside what the last two steps moved).
 #: The bound: 2% of what two steps of training move, and never more than 2e-4.
 RELATIVE_TO_UPDATE = 0.02
 ADAPTER_ATOL = 2e-4
@@ -114,33 +114,23 @@ def single(env, tmp_path_factory):
     return out
 
 
-def test_torchrun_two_nodes_match_one_process_with_the_same_global_batch(env, single, tmp_path):
-    out = tmp_path / "two_nodes"
-    port = free_port()
-    node = [*torchrun_node(port), *args(env, out, 1, "--steps", str(STEPS))]
-    launch([node, node], env, tmp_path / "nodes")          # two "machines" meeting at 127.0.0.1:port
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    assert len(list(out.glob("*.safetensors"))) == 1        # rank 0 alone writes
-    diff, update = max_diff(checkpoint(out), checkpoint(single)), max_diff(checkpoint(single), checkpoint(single, 2))
-    print(f"torchrun 2 nodes x 1 vs 1 process, batch 2: max |adapter difference| = {diff:.2e} (steps 3-4 moved "
-          f"weights by up to {update:.2e}); losses {losses(out)} vs {losses(single)}")
-    assert diff <= min(ADAPTER_ATOL, RELATIVE_TO_UPDATE * update)
-    assert losses(out) == pytest.approx(losses(single), rel=LOSS_RTOL)
-
-
-def test_accelerate_two_processes_resume_exactly(env, single, tmp_path):
-    out = tmp_path / "accelerate"
+def test_accelerate_then_torchrun_resume_match_one_process_with_the_same_global_batch(env, single, tmp_path):
+    """Two steps under accelerate (2 processes), then --resume to STEPS as two torchrun nodes
+    meeting at 127.0.0.1: the same adapter and losses as one uninterrupted process, whichever
+    launcher started or resumed the run."""
+    out = tmp_path / "two_processes"
     launch([[*accelerate(2), *args(env, out, 1, "--steps", "2")]], env, tmp_path / "first")
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_000002"]
-    launch([[*accelerate(2), *args(env, out, 1, "--steps", str(STEPS), "--resume")]], env, tmp_path / "resumed")
+    node = [*torchrun_node(free_port()), *args(env, out, 1, "--steps", str(STEPS), "--resume")]
+    launch([node, node], env, tmp_path / "nodes")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
+    assert len(list(out.glob("*.safetensors"))) == 1        # rank 0 alone writes
     rows = losses(out)
     assert len(rows) == STEPS
     diff, update = max_diff(checkpoint(out), checkpoint(single)), max_diff(checkpoint(single), checkpoint(single, 2))
-    print(f"accelerate 2 processes, 2 steps + resume to {STEPS} vs 1 process uninterrupted: max |adapter "
-          f"difference| = {diff:.2e} (steps 3-4 moved weights by up to {update:.2e}); losses {rows} vs "
-          f"{losses(single)}")
+    print(f"accelerate 2 processes for 2 steps, torchrun 2 nodes x 1 resumed to {STEPS}, vs 1 process with batch "
+          f"2: max |adapter difference| = {diff:.2e} (steps 3-4 moved weights by up to {update:.2e}); losses "
+          f"{rows} vs {losses(single)}")
     assert diff <= min(ADAPTER_ATOL, RELATIVE_TO_UPDATE * update)
     assert rows == pytest.approx(losses(single), rel=LOSS_RTOL)

@@ -43,16 +43,15 @@ def run_ok(server, graph) -> dict:
 
 
 def test_subject_swap_on_a_photo(server, app_inputs, capsys):
-    """Without a subject the photo's latent comes back (closer with more steps); with a subject confined
-    to the old subject's region, the rest of the photo stays closer to the photo than the region does."""
-    errors = {}
-    for steps, refine in ((10, 0), (50, 0), (50, 3)):
-        entry = run_ok(server, ag.swap_graph(steps=steps, subject=False, refine=refine))
-        photo, back = latent_of(server, entry, "save_photo_latent"), latent_of(server, entry, "save_result_latent")
-        errors[steps, refine] = ((back - photo).abs().mean() / photo.abs().mean()).item()
-    assert errors[50, 0] < errors[10, 0] and errors[50, 3] < 0.01, errors
+    """Without a subject the photo's latent comes back (how the error shrinks with steps and refine is
+    test_applications.py's); with a subject confined to the old subject's region, the rest of the photo
+    stays closer to the photo than the region does."""
+    entry = run_ok(server, ag.swap_graph(steps=50, subject=False, refine=3))
+    photo, back = latent_of(server, entry, "save_photo_latent"), latent_of(server, entry, "save_result_latent")
+    error = ((back - photo).abs().mean() / photo.abs().mean()).item()
+    assert error < 0.01, error
 
-    entry = run_ok(server, ag.swap_graph(steps=50, refine=3))
+    entry = run_ok(server, ag.swap_graph(steps=20, refine=3))
     photo, swapped = latent_of(server, entry, "save_photo_latent"), latent_of(server, entry, "save_result_latent")
     (img,) = images_of(server, entry, "save")
     assert img.shape == (ag.SIZE, ag.SIZE, 3)
@@ -61,9 +60,9 @@ def test_subject_swap_on_a_photo(server, app_inputs, capsys):
     change = (swapped - photo).abs().mean(dim=(0, 1))
     inside, outside = change[region].mean().item(), change[~region].mean().item()
     with capsys.disabled():
-        print("\nsubject swap through the server, relative latent error without a subject: " +
-              ", ".join(f"{s} steps{f' + {r} refine' if r else ''}: {e:.4f}" for (s, r), e in errors.items()) +
-              f"; with a subject: mean change inside the old subject's region {inside:.4f}, outside {outside:.4f}")
+        print(f"\nsubject swap through the server, relative latent error without a subject (50 steps + 3 refine): "
+              f"{error:.4f}; with a subject (20 steps + 3 refine): mean change inside the old subject's region "
+              f"{inside:.4f}, outside {outside:.4f}")
     assert outside < inside, (inside, outside)
 
 
