@@ -141,8 +141,13 @@ cmd_test() {
   setup_browser
   cd "$ROOT"
   set +e
+  # the full suite on MOA_TEST_WORKERS processes (default 2), each file on one worker (its
+  # module fixtures built once) and one torch thread each: more threads than cores wait on each other
+  if [[ $# -eq 0 ]]; then
+    set -- tests -n "${MOA_TEST_WORKERS:-2}" --dist loadfile
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  fi
   # tests/pytest.ini, not the repo root: the root is the node pack's own package
-  if [[ $# -eq 0 ]]; then set -- tests; fi
   "$PY" -m pytest -c tests/pytest.ini --rootdir tests "$@"
   local rc=$?
   set -e
