@@ -131,14 +131,14 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
     """The experiment's one command (its README) with two adapter seeds, cut to seconds: it trains
     and caches the base, trains each seed's adapter, evaluates unseen and seen identities and writes
     the tables, results, grids and the summary with the spread; diagnose.py then reuses the cached
-    base (same config) instead of training it again."""
+    base (its config read from the file) instead of training it again."""
     from experiments.toy_world import diagnose
     from experiments.toy_world import run as toy
     from PIL import Image
-    base = ["--base-file", str(tmp_path / "base.safetensors"), "--base-steps", "10", "--train-identities", "6",
+    base = ["--base-file", str(tmp_path / "base.safetensors"), "--train-identities", "6",
             "--eval-identities", "6", "--sample-steps", "3", "--threads", "1"]
     with one_thread():
-        assert toy.main(base + ["--out", str(tmp_path / "seeds"), "--adapter-seeds", "2", "--steps", "4",
+        assert toy.main(base + ["--base-steps", "10", "--out", str(tmp_path / "seeds"), "--adapter-seeds", "2", "--steps", "4",
                                 "--batch-size", "4", "--scenes-per-identity", "1", "--swap-steps", "3",
                                 "--swap-refine", "1"]) == 0
         first = capsys.readouterr().out
@@ -220,6 +220,23 @@ def test_posterior_mean_is_the_nearer_colour_when_the_noise_is_small_and_the_mid
     assert torch.allclose(noisy, ((a + b) / 2).view(1, 4, 1, 1).expand(1, 4, 1, 2), atol=0.01), noisy
 
 
+def test_block_noise_stays_only_at_and_above_its_first_timestep():
+    """base.plain_below: rows at t >= min_t keep the block noise bit for bit; the rows below get
+    fresh plain noise, whose 4x4-block means are those of white noise (std 1/4, where the block
+    noise's are about 0.5); min_t 0 returns the noise untouched and draws nothing."""
+    from experiments.toy_world import base as base_mod
+    g = torch.Generator().manual_seed(0)
+    blocks = base_mod.training_noise((64, 4, 16, 16), g, 0.3)
+    t = torch.tensor([900, 100] * 32)
+    state = g.get_state()
+    assert base_mod.plain_below(blocks, t, 0, g) is blocks and torch.equal(g.get_state(), state)
+    mixed = base_mod.plain_below(blocks, t, 500, g)
+    assert torch.equal(mixed[0::2], blocks[0::2])
+    block_std = lambda x: float(torch.nn.functional.avg_pool2d(x, 4).std())     # noqa: E731
+    assert block_std(blocks) > 0.4 and block_std(mixed[1::2]) == pytest.approx(0.25, abs=0.03)
+    assert float(mixed[1::2].std()) == pytest.approx(1.0, abs=0.03)
+
+
 def test_a_cached_base_naming_a_retired_option_is_reused_only_if_it_trained_as_now(tmp_path):
     """Cached bases of older versions name min_snr_gamma: at 0 (off) the file is today's config and
     the run reuses it; at another value it matches no config (the run trains a new base), and
@@ -238,3 +255,20 @@ def test_a_cached_base_naming_a_retired_option_is_reused_only_if_it_trained_as_n
     with pytest.raises(ValueError, match=r"min_snr_gamma.*train it again"):
         base_mod.load_base(path, "cpu")
     assert base_mod.cached_config(tmp_path / "missing.safetensors") is None
+
+
+def test_a_cached_base_older_than_an_option_reads_as_trained_without_it(tmp_path):
+    """A base file written before low_freq_min_t existed trained with block noise at every
+    timestep: it reads as low_freq_min_t 0, which is not the current default, so the run trains
+    a new base instead of reusing it under the wrong name."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from experiments.toy_world import base as base_mod
+    old = asdict(base_mod.BaseConfig())
+    del old["low_freq_min_t"]
+    path = tmp_path / "old.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"config": json.dumps(old)})
+    assert base_mod.cached_config(path) == base_mod.BaseConfig(low_freq_min_t=0)
+    assert base_mod.cached_config(path) != base_mod.BaseConfig()

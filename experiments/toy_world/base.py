@@ -37,6 +37,9 @@ class BaseConfig:
     ema: float = 0.995               # decay of an exponential moving average of the weights (0: off)
     x0_weight_cap: float = 20.0      # weight max(1, min((1 - abar) / abar, cap)): x0 units at high noise
     low_freq_noise: float = 0.3      # multi-scale noise weight (offset noise at 1x1, 2x2 and 4x4 blocks)
+    # plain noise below this timestep: where the picture shows through, block noise only teaches
+    # the base to distrust an object's mean colour, which the sampler's plain noise never shifts
+    low_freq_min_t: int = 500
     seed: int = 0
 
 
@@ -106,6 +109,15 @@ def training_noise(shape: tuple, g: torch.Generator, low_freq: float) -> torch.T
     return noise / (1 + 3 * low_freq ** 2) ** 0.5
 
 
+def plain_below(noise: torch.Tensor, t: torch.Tensor, min_t: int, g: torch.Generator) -> torch.Tensor:
+    """`noise` [B, ...] where t >= min_t, fresh plain Gaussian noise in the other rows (none is
+    drawn when min_t is 0)."""
+    if not min_t:
+        return noise
+    plain = torch.randn(noise.shape, generator=g)
+    return torch.where((t >= min_t).view(-1, *[1] * (noise.dim() - 1)), noise, plain)
+
+
 def train_base(cfg: BaseConfig, out: Path, log_every: int = 100) -> Path:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
@@ -131,6 +143,8 @@ def train_base(cfg: BaseConfig, out: Path, log_every: int = 100) -> Path:
         x0, ctx = training_batch(g, cfg.batch_size, cfg.caption_dropout)
         noise = training_noise(x0.shape, g, cfg.low_freq_noise)
         t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
+        if cfg.low_freq_noise:
+            noise = plain_below(noise, t, cfg.low_freq_min_t, g)
         a = ac[t].view(-1, 1, 1, 1)
         pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), context=ctx)
         abar = a.flatten()
@@ -176,6 +190,8 @@ def save_base(model, cfg: BaseConfig, path: Path, ema: list | None = None, param
 #: options that cached files of older versions may still name, with the value that trains as the
 #: current code does: a file made with another value matches no current config
 RETIRED = {"min_snr_gamma": 0.0}
+#: options added since, with the value that files of older versions (which do not name them) used
+ADDED = {"low_freq_min_t": 0}
 
 
 def _stored_config(path: Path) -> BaseConfig | None:
@@ -183,6 +199,7 @@ def _stored_config(path: Path) -> BaseConfig | None:
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         stored = json.loads(f.metadata()["config"])
+    stored = {**ADDED, **stored}
     if any(stored.pop(key, same) != same for key, same in RETIRED.items()):
         return None
     return BaseConfig(**stored)

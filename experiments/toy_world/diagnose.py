@@ -157,18 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.toy_world.diagnose", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter-dir", type=Path, required=True, help="a run's adapter folder (out/adapter)")
-    p.add_argument("--base-file", type=Path, default=Path("runs/toy_base.safetensors"))
+    p.add_argument("--base-file", type=Path, default=Path("runs/toy_base.safetensors"),
+                   help="the base the adapter was trained on (its config is read from the file)")
     p.add_argument("--out", type=Path, default=None, help="write the numbers here as JSON too")
     for k in ("seed", "train_identities", "eval_identities", "sample_steps", "cfg_scale", "sampler",
               "scheduler", "strength", "start_percent"):
         p.add_argument(f"--{k.replace('_', '-')}", type=type(getattr(d, k)), default=getattr(d, k))
-    p.add_argument("--base-steps", type=int, default=d.base.steps, help="the cached base's (as run.py's)")
-    p.add_argument("--base-channels", type=int, default=d.base.model_channels, help="the cached base's (as run.py's)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     ns = vars(p.parse_args(argv))
     torch.set_num_threads(ns.pop("threads"))
     adapter_dir, base_file, out = ns.pop("adapter_dir"), ns.pop("base_file"), ns.pop("out")
-    base_cfg = base_mod.BaseConfig(steps=ns.pop("base_steps"), model_channels=ns.pop("base_channels"))
+    base_cfg = base_mod.cached_config(base_file)
+    if base_cfg is None:
+        p.error(f"--base-file {base_file}: no base model there; diagnose the adapter with the base it was trained on")
     numbers = diagnose(ToyConfig(**ns, base=base_cfg), base_file, adapter_dir)
     text = json.dumps(numbers, indent=2)
     if out is not None:

@@ -381,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-steps", type=int, default=d.base.steps)
     p.add_argument("--base-channels", type=int, default=d.base.model_channels,
                    help="the base UNet's model_channels (32: 1.6M parameters; 64: 5.2M)")
+    p.add_argument("--base-low-freq-min-t", type=int, default=d.base.low_freq_min_t,
+                   help="the base's block (offset) noise only at timesteps >= this; plain noise below")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads (default: all cores; use 1 when other jobs share the cores)")
     ns = vars(p.parse_args(argv))
@@ -389,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter_dir = ns.pop("adapter_dir")
     if adapter_dir is not None and n_seeds > 1:
         p.error("--adapter-dir evaluates one adapter: drop --adapter-seeds")
-    base_cfg = base_mod.BaseConfig(steps=ns.pop("base_steps"), model_channels=ns.pop("base_channels"))
+    base_cfg = base_mod.BaseConfig(steps=ns.pop("base_steps"), model_channels=ns.pop("base_channels"),
+                                   low_freq_min_t=ns.pop("base_low_freq_min_t"))
     loss = {k: ns.pop(k) for k in LOSS_OPTIONS}
     cfg = ToyConfig(**ns, loss=loss, base=base_cfg)
     if n_seeds <= 1:
