@@ -131,21 +131,27 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
     """The experiment's one command (its README) with two adapter seeds, cut to seconds: it trains
     and caches the base, trains each seed's adapter, evaluates unseen and seen identities and writes
     the tables, results, grids and the summary with the spread; diagnose.py then reuses the cached
-    base (its config read from the file) instead of training it again."""
+    base (its config read from the file) instead of training it again, and refuses a missing one."""
     from experiments.toy_world import diagnose
     from experiments.toy_world import run as toy
     from PIL import Image
     base = ["--base-file", str(tmp_path / "base.safetensors"), "--train-identities", "6",
             "--eval-identities", "6", "--sample-steps", "3", "--threads", "1"]
     with one_thread():
-        assert toy.main(base + ["--base-steps", "10", "--out", str(tmp_path / "seeds"), "--adapter-seeds", "2", "--steps", "4",
-                                "--batch-size", "4", "--scenes-per-identity", "1", "--swap-steps", "3",
-                                "--swap-refine", "1"]) == 0
+        assert toy.main(base + ["--base-steps", "10", "--out", str(tmp_path / "seeds"), "--adapter-seeds", "2",
+                                "--steps", "4", "--batch-size", "4", "--scenes-per-identity", "1",
+                                "--swap-steps", "3", "--swap-refine", "1"]) == 0
         first = capsys.readouterr().out
         # the colour / pattern / rim diagnosis of seed 0's adapter, on the same base and identities
         assert diagnose.main(base + ["--adapter-dir", str(tmp_path / "seeds" / "seed0" / "adapter"),
                                      "--out", str(tmp_path / "d.json")]) == 0
         again = capsys.readouterr().out
+        # without the adapter's base there is nothing to diagnose against: say which option, not train one
+        missing = tmp_path / "missing.safetensors"
+        with pytest.raises(SystemExit):
+            diagnose.main(["--base-file", str(missing), "--adapter-dir", str(tmp_path / "seeds" / "seed0" / "adapter")])
+        assert f"--base-file {missing}: no base model there" in capsys.readouterr().err
+        assert not missing.exists()
     assert first.count("training the base model (10 steps)") == 1, first
     assert "reusing the base model" in again and "training the base model" not in again, again
     run = tmp_path / "seeds" / "seed0"
@@ -232,7 +238,9 @@ def test_block_noise_stays_only_at_and_above_its_first_timestep():
     assert base_mod.plain_below(blocks, t, 0, g) is blocks and torch.equal(g.get_state(), state)
     mixed = base_mod.plain_below(blocks, t, 500, g)
     assert torch.equal(mixed[0::2], blocks[0::2])
-    block_std = lambda x: float(torch.nn.functional.avg_pool2d(x, 4).std())     # noqa: E731
+
+    def block_std(x: torch.Tensor) -> float:
+        return float(torch.nn.functional.avg_pool2d(x, 4).std())
     assert block_std(blocks) > 0.4 and block_std(mixed[1::2]) == pytest.approx(0.25, abs=0.03)
     assert float(mixed[1::2].std()) == pytest.approx(1.0, abs=0.03)
 
