@@ -245,20 +245,23 @@ def test_block_noise_stays_only_at_and_above_its_first_timestep():
     assert float(mixed[1::2].std()) == pytest.approx(1.0, abs=0.03)
 
 
+def _cached_base(path: Path, config: dict) -> Path:
+    """A stand-in base file: one weight and the config metadata a cached base carries."""
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"config": json.dumps(config)})
+    return path
+
+
 def test_a_cached_base_naming_a_retired_option_is_reused_only_if_it_trained_as_now(tmp_path):
     """Cached bases of older versions name min_snr_gamma: at 0 (off) the file is today's config and
     the run reuses it; at another value it matches no config (the run trains a new base), and
     loading it directly says what to do."""
     from dataclasses import asdict
 
-    from safetensors.torch import save_file
-
     from experiments.toy_world import base as base_mod
     cfg = base_mod.BaseConfig(steps=30)
     for gamma, expected in ((0.0, cfg), (5.0, None)):
-        path = tmp_path / f"base_{gamma}.safetensors"
-        meta = {"config": json.dumps({**asdict(cfg), "min_snr_gamma": gamma})}
-        save_file({"w": torch.zeros(1)}, str(path), metadata=meta)
+        path = _cached_base(tmp_path / f"base_{gamma}.safetensors", {**asdict(cfg), "min_snr_gamma": gamma})
         assert base_mod.cached_config(path) == expected
     with pytest.raises(ValueError, match=r"min_snr_gamma.*train it again"):
         base_mod.load_base(path, "cpu")
@@ -271,12 +274,9 @@ def test_a_cached_base_older_than_an_option_reads_as_trained_without_it(tmp_path
     a new base instead of reusing it under the wrong name."""
     from dataclasses import asdict
 
-    from safetensors.torch import save_file
-
     from experiments.toy_world import base as base_mod
     old = asdict(base_mod.BaseConfig())
     del old["low_freq_min_t"]
-    path = tmp_path / "old.safetensors"
-    save_file({"w": torch.zeros(1)}, str(path), metadata={"config": json.dumps(old)})
+    path = _cached_base(tmp_path / "old.safetensors", old)
     assert base_mod.cached_config(path) == base_mod.BaseConfig(low_freq_min_t=0)
     assert base_mod.cached_config(path) != base_mod.BaseConfig()
