@@ -63,8 +63,10 @@ class MoAInvertPhoto:
                               "tooltip": "Inversion steps; regenerate with exactly as many. More = closer reconstruction."}),
             "scheduler": (schedulers(), {"default": "normal", "tooltip": "The scheduler the regeneration uses."}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                              "tooltip": "Guidance while inverting. 1 (no guidance) inverts most exactly; regenerate "
-                                         "with the same cfg."}),
+                              "tooltip": "Guidance while inverting. 1 (no guidance) inverts most exactly. Regenerating "
+                                         "with the same cfg gives the photo back most exactly; with renoise, a higher "
+                                         "cfg there (3) draws the new subject more clearly and moves the rest of the "
+                                         "photo a little."}),
             "refine": ("INT", {"default": 0, "min": 0, "max": MAX_REFINE, "tooltip": REFINE_TOOLTIP}),
         }, "optional": {
             "subject_mask": ("MASK", {"tooltip": "The old subject's mask in the photo (where the new subject goes). "

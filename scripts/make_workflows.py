@@ -30,6 +30,9 @@ NEGATIVE = "blurry, lowres, deformed, watermark, text"
 SEED = 42
 #: MoA Invert Photo's renoise in the swap workflow: fresh noise where the new subject goes
 SWAP_RENOISE = 1.0
+#: KSampler (Advanced)'s cfg regenerating the swap (the inversion stays at cfg 1): guidance draws the new
+#: subject in the renoised region (experiments/toy_world/README.md, "The swap")
+SWAP_CFG = 3.0
 
 
 @dataclass(frozen=True)
@@ -211,8 +214,9 @@ def subject_swap():
     _note(nodes, "Read me: swap the subject of a photo",
           "1. MoA Invert Photo turns the photo back into noise with DDIM inversion on the base model, guided by a "
           "prompt that describes the photo. 2. KSampler (Advanced) regenerates from that noise (add_noise disable, the "
-          "same steps and scheduler, cfg 1) with MoA and the new subject: the prior keeps the photo's context, the "
-          "subject expert draws the new subject. Without MoA (or at strength 0) the photo comes back.",
+          "same steps and scheduler) with MoA and the new subject: the prior keeps the photo's context, the subject "
+          "expert draws the new subject. Its cfg 3 draws the new subject in the fresh noise; cfg 1 (the inversion's) "
+          "keeps the rest of the photo most exactly, and without MoA (or at strength 0) then gives the photo back.",
           "MoA Apply's prompt must be the photo's prompt (same words; the class word names the subject to swap). "
           "The region (white = the old subject) keeps the new subject where the old one was; the rest stays the "
           "photo's. The region is also MoA Invert Photo's subject_mask: renoise puts fresh noise there, so the old "
@@ -236,7 +240,7 @@ def subject_swap():
         "sparse_threshold": 0.0})
     nodes["sampler"] = dict(type="KSamplerAdvanced", col=3, title="KSampler (Advanced): regenerate from the noise",
                             widgets={"add_noise": "disable", "noise_seed": 0, "control_after_generate": "fixed",
-                                     "steps": 50, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+                                     "steps": 50, "cfg": SWAP_CFG, "sampler_name": "euler", "scheduler": "normal",
                                      "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"})
     nodes["decode"] = dict(type="VAEDecode", col=4)
     nodes["maps"] = dict(type="MoARouterMaps", col=4, widgets={"layers": "all layers", "opacity": 0.5, "subject": 0})

@@ -140,7 +140,7 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
     with one_thread():
         assert toy.main(base + ["--base-steps", "10", "--out", str(tmp_path / "seeds"), "--adapter-seeds", "2",
                                 "--steps", "4", "--batch-size", "4", "--scenes-per-identity", "1",
-                                "--swap-steps", "3", "--swap-refine", "1"]) == 0
+                                "--swap-steps", "3", "--swap-refine", "1", "--swap-cfg", "3"]) == 0
         first = capsys.readouterr().out
         # the colour / pattern / rim diagnosis of seed 0's adapter, on the same base and identities
         assert diagnose.main(base + ["--adapter-dir", str(tmp_path / "seeds" / "seed0" / "adapter"),
@@ -167,7 +167,7 @@ def test_experiment_command_reports_every_target_and_reuses_its_base(comfy, tmp_
             assert isinstance(r[key], float), (name, key, r[key])
         assert 1.0 <= r["soft_mean_rank"] <= 16.0 and 0.0 <= r["soft_top1"] <= 1.0, r
     for key in ("swap_change_in", "swap_soft_new_top1", "swap_soft_old_top1", "swap_base_old_top1",
-                "swap_base_reconstruction_error"):
+                "swap_base_reconstruction_error", "swap_photo_change_out"):
         assert isinstance(results["unseen"][key], float), (key, results["unseen"][key])
     table = (run / "table.md").read_text()
     assert table.count("| unseen") == 4 and table.count("| seen") == 3 and "old identity top-1" in table

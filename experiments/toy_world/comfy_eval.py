@@ -38,7 +38,8 @@ class SampleSpec:
     sampler: str = "ddim"
     scheduler: str = "ddim_uniform"
     swap_steps: int = 20
-    swap_cfg: float = 1.0
+    invert_cfg: float = 1.0          # MoA Invert Photo's cfg
+    swap_cfg: float = 1.0            # KSamplerAdvanced's cfg regenerating from the inverted noise
     swap_sampler: str = "euler"
     swap_scheduler: str = "normal"
     swap_refine: int = 3
@@ -103,7 +104,7 @@ def run_batches(base, adapter: LoadedAdapter, examples: list, features: list[tor
             args = (noise[idx], cond, unc, spec.steps, spec.cfg, spec.sampler, spec.scheduler)
         else:
             inv = invert_latent(base, [[cond, {}]], [[unc, {}]], {"samples": start[idx]}, spec.swap_steps,
-                                spec.swap_scheduler, spec.swap_cfg, spec.swap_refine, regions[idx].float(),
+                                spec.swap_scheduler, spec.invert_cfg, spec.swap_refine, regions[idx].float(),
                                 spec.swap_renoise, seed=int(idx[0]))["samples"].float()
             out["inverted"][idx] = inv
             args = (torch.zeros_like(inv), cond, unc, spec.swap_steps, spec.swap_cfg, spec.swap_sampler,
@@ -208,7 +209,8 @@ def swap_numbers(base, adapter: LoadedAdapter, js: Judged, photos: torch.Tensor,
     """The pack's subject swap: photo i (holding identity old[i], on picture i's background and
     caption) inverted on the base, regenerated with MoA and subject i inside the old object's
     region (its mask dilated 1 px). Identity retrieval of the new and of the old subject; change
-    inside / outside that known region; how well the base alone gives the photo back."""
+    inside / outside that known region; how well the base alone gives the photo back, and how
+    much of the photo outside the region MoA's picture keeps."""
     regions = dilate(masks > 0.5)
     noise = torch.zeros_like(photos)
     pictures = run_batches(base, adapter, js.examples, js.features, noise, spec, start=photos, regions=regions)
@@ -217,4 +219,6 @@ def swap_numbers(base, adapter: LoadedAdapter, js: Judged, photos: torch.Tensor,
     _identity(out, pictures, js, list(range(len(js.examples))), centre, "new_")
     _identity(out, pictures, js, old, centre, "old_")
     out["base_reconstruction_error"] = float((pictures["base"] - photos).abs().mean())
+    # what the user keeps of the photo: MoA's picture against the photo outside the region
+    out["photo_change_out"] = change_inside_outside(pictures["soft"], photos, regions)[1]
     return out, pictures

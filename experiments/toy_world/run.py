@@ -58,8 +58,9 @@ class ToyConfig:
     cfg_scale: float = 3.0
     sampler: str = "ddim"
     scheduler: str = "ddim_uniform"
-    swap_steps: int = 20                 # swap: MoA Invert Photo's steps and refine, regenerated at cfg 1
+    swap_steps: int = 20                 # swap: MoA Invert Photo's steps and refine (at cfg 1)
     swap_refine: int = 3
+    swap_cfg: float = 1.0                # swap: KSamplerAdvanced's cfg regenerating from the inverted noise
     strength: float = 1.0                # MoA Apply's strength when sampling (txt2img and swap)
     start_percent: float = 0.0           # MoA Apply's start_percent when sampling (txt2img and swap)
     swap_renoise: float = 0.0            # MoA Invert Photo's renoise in the old subject's region
@@ -285,6 +286,7 @@ def evaluate(cfg: ToyConfig, out: Path, model, tc: TrainConfig, train_ids: list,
     patcher, loaded = comfy_eval.comfy_model(model), LoadedAdapter(adapter, "toy")
     spec = comfy_eval.SampleSpec(steps=cfg.sample_steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
                                  scheduler=cfg.scheduler, swap_steps=cfg.swap_steps, swap_refine=cfg.swap_refine,
+                                 swap_cfg=cfg.swap_cfg,
                                  strength=cfg.strength, start_percent=cfg.start_percent,
                                  swap_renoise=cfg.swap_renoise, sparse_threshold=cfg.sparse_threshold)
     for k, es in enumerate(sets):
