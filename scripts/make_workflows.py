@@ -31,7 +31,7 @@ SEED = 42
 #: MoA Invert Photo's renoise in the swap workflow: fresh noise where the new subject goes
 SWAP_RENOISE = 1.0
 #: KSampler (Advanced)'s cfg regenerating the swap (the inversion stays at cfg 1): guidance draws the new
-#: subject in the renoised region (experiments/toy_world/README.md, "The swap")
+#: subject in the renoised region (experiments/toy_world/README.md, "The swap's regeneration")
 SWAP_CFG = 3.0
 
 
