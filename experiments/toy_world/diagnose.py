@@ -28,7 +28,7 @@ from comfyui_moa.moa_attention.training.step import MoATrainStep
 
 from . import base as base_mod
 from . import comfy_eval, data, encoder, world
-from .run import EvalSet, ToyConfig, eval_set, get_base, judged, one_step_x0, train_config
+from .run import EvalSet, ToyConfig, eval_set, get_base, judged, one_step_x0, sample_spec, train_config
 
 COLOURS = slice(0, 8)          # the descriptor's two colour clusters; the last 2 numbers: the pattern
 SPLIT = ("midpoint_error", "split_ratio", "split_alignment")
@@ -96,8 +96,7 @@ def diagnose(cfg: ToyConfig, base_file: Path, adapter_dir: Path) -> dict[str, fl
     one_step = one_step_split(MoATrainStep(adapter, model.diffusion_model, alphas_cumprod(model), tc), unseen,
                               cfg.seed * 1000 + 25)
     uninstall()
-    spec = comfy_eval.SampleSpec(steps=cfg.sample_steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
-                                 scheduler=cfg.scheduler, strength=cfg.strength, start_percent=cfg.start_percent)
+    spec = sample_spec(cfg)
     js = judged(unseen)
     _, pictures = comfy_eval.txt2img_numbers(comfy_eval.comfy_model(model), LoadedAdapter(adapter, "toy"), js,
                                              centre, spec, cfg.seed * 1000 + 20)

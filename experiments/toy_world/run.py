@@ -169,6 +169,14 @@ def one_step_identity(step: MoATrainStep, es: EvalSet, centre: torch.Tensor, see
     return out
 
 
+def sample_spec(cfg: ToyConfig) -> comfy_eval.SampleSpec:
+    """How the run's pictures are sampled (txt2img and swap), from its options."""
+    return comfy_eval.SampleSpec(steps=cfg.sample_steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
+                                 scheduler=cfg.scheduler, swap_steps=cfg.swap_steps, swap_refine=cfg.swap_refine,
+                                 swap_cfg=cfg.swap_cfg, strength=cfg.strength, start_percent=cfg.start_percent,
+                                 swap_renoise=cfg.swap_renoise, sparse_threshold=cfg.sparse_threshold)
+
+
 def judged(es: EvalSet) -> comfy_eval.Judged:
     return comfy_eval.Judged(es.examples, list(es.features), es.refs, [i.cls for i in es.identities], es.backgrounds)
 
@@ -284,11 +292,7 @@ def evaluate(cfg: ToyConfig, out: Path, model, tc: TrainConfig, train_ids: list,
                          **one_step_identity(step, es, centre, cfg.seed * 1000 + 15 + k)} for k, es in enumerate(sets)}
     uninstall()
     patcher, loaded = comfy_eval.comfy_model(model), LoadedAdapter(adapter, "toy")
-    spec = comfy_eval.SampleSpec(steps=cfg.sample_steps, cfg=cfg.cfg_scale, sampler=cfg.sampler,
-                                 scheduler=cfg.scheduler, swap_steps=cfg.swap_steps, swap_refine=cfg.swap_refine,
-                                 swap_cfg=cfg.swap_cfg,
-                                 strength=cfg.strength, start_percent=cfg.start_percent,
-                                 swap_renoise=cfg.swap_renoise, sparse_threshold=cfg.sparse_threshold)
+    spec = sample_spec(cfg)
     for k, es in enumerate(sets):
         s, pictures = comfy_eval.txt2img_numbers(patcher, loaded, judged(es), centre, spec, cfg.seed * 1000 + 20 + k)
         results[es.name].update(s)
