@@ -106,11 +106,15 @@ def max_diff(a: Path, b: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def single(env, tmp_path_factory):
-    """The reference: one process, batch 2."""
+def single(env, tmp_path_factory, comfy):
+    """The reference: one process (this one: the command line's run in-process), batch 2."""
+    from support.trainer_cli import run_in_process
     out = tmp_path_factory.mktemp("dp") / "single"
-    launch([[sys.executable, "-m", "moa_attention.train", *args(env, out, 2, "--steps", str(STEPS))]], env,
-           out.parent / "single")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOA_CACHE_DIR", env["environ"]["MOA_CACHE_DIR"])
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            mp.delenv(name, raising=False)
+        assert run_in_process(args(env, out, 2, "--steps", str(STEPS))) == 0
     return out
 
 
