@@ -39,7 +39,7 @@ quiet() { # drops pip's harmless warning about a configured find-links path that
 }
 
 # pip install PYTHON CONSTRAINTS ARGS...: the pinned packages from the wheel cache, after downloading
-# into it whatever it lacks (pip keeps no cache of its own here, so every checkout would download again)
+# into it whatever it lacks: a new checkout needs no network for what an earlier one downloaded
 cached_install() {
   local py="$1" pins="$2"; shift 2
   local install=("$py" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$WHEELS" -c "$pins")
