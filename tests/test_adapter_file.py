@@ -120,8 +120,8 @@ def test_float32_round_trip_is_exact_with_metadata(io, adapters, tmp_path, exper
 
     meta = io.read_adapter_metadata(path)
     assert meta["moa.format"] == "comfyui-moa"
-    assert meta["moa.format_version"] == "1" and io.FORMAT_VERSION == 3     # SD1.5 files stay version 1
-    assert set(meta) == set(io.METADATA_KEYS) - {"moa.text_streams", "moa.identity_tokens"}
+    assert meta["moa.format_version"] == "1" and io.FORMAT_VERSION == 4     # SD1.5 files stay version 1
+    assert set(meta) == set(io.METADATA_KEYS) - {"moa.text_streams", "moa.identity_tokens", "moa.prompt_schedule"}
     assert meta["moa.base"] == "sd15" and meta["moa.expert"] == expert
     assert json.loads(meta["moa.layers"])[1] == [ATTN2_PATH, "attn2", 32, 768, 32, 8]
     assert json.loads(meta["moa.training"]) == TRAINING
@@ -319,7 +319,7 @@ def _drop(key):
 
 BAD_METADATA = [
     ("future-version", _set("moa.format_version", "99"),
-     r"written in adapter format 99, this comfyui-moa reads up to 3\. Update comfyui-moa"),
+     r"written in adapter format 99, this comfyui-moa reads up to 4\. Update comfyui-moa"),
     ("version-not-a-number", _set("moa.format_version", "one"),
      r"unreadable format version 'one'\. Re-export the adapter with the MoA trainer"),
     ("sdxl-base-in-format-1", _set("moa.base", "sdxl"),

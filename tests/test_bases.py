@@ -230,6 +230,24 @@ def test_the_trainer_writes_identity_tokens_in_format_3_and_resumes_only_with_th
         train_adapter(_config(out, steps=2, resume=True), unet, schedule, _examples(1, 768), "cpu")
 
 
+def test_the_trainer_writes_a_prompt_schedule_in_format_4_and_resumes_only_with_it(tiny_model, tmp_path):
+    from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
+    from comfyui_moa.moa_attention.engine.adapter_file import load_adapter, read_adapter_metadata
+    from comfyui_moa.moa_attention.training.cli import parse_args
+    from comfyui_moa.moa_attention.training.loop import train_adapter
+    unet, schedule, out = tiny_model.model.diffusion_model, alphas_cumprod(tiny_model.model), tmp_path / "run"
+    assert train_adapter(_config(out, prompt_schedule=True, steps=2), unet, schedule, _examples(1, 768), "cpu") == 0
+    meta = read_adapter_metadata(out / "adapter.safetensors")
+    assert (meta["moa.format_version"], meta["moa.prompt_schedule"]) == ("4", "timestep_layer")
+    trained = load_adapter(out / "adapter.safetensors").prompt_schedule.out.weight
+    assert trained.abs().max() > 0, "training moved the schedule off its fresh zero (from step 2: the fusion's first)"
+    with pytest.raises(ValueError, match=r"^the checkpoint being resumed \(.*step_000002\) was trained with "
+                                         r"--prompt-schedule\. Resume it with --prompt-schedule, or train into a new"):
+        train_adapter(_config(out, steps=3, resume=True), unet, schedule, _examples(1, 768), "cpu")
+    args = ["--base", "b", "--clip-vision", "c", "--data", "d", "--output-dir", "o"]
+    assert parse_args(args + ["--prompt-schedule"]).prompt_schedule and not parse_args(args).prompt_schedule
+
+
 def test_the_trainer_refuses_to_resume_a_checkpoint_of_another_unet(tiny_model, tmp_path):
     """A run resumed on another --base architecture (here a smaller SD1.5-shaped UNet; an SDXL one for
     an SD1.5 run differs alike) is refused before any layer is patched."""

@@ -310,6 +310,29 @@ def test_identity_tokens_reach_the_personalized_attention_of_a_repeated_prompt(c
     assert (pictures[0] - pictures[1]).abs().max() > 1e-3, "the identity token after the prompt changed nothing"
 
 
+def test_a_prompt_schedule_reads_the_timestep_the_sampler_runs_at(comfy, engine, tiny_model):
+    """An adapter whose fused prompt depends on the timestep and layer: every attn2 layer of the
+    positive row gets the timestep of the sampler's step (model_sampling.timestep of its sigma),
+    and the schedule changes the picture."""
+    from comfy.samplers import calculate_sigmas
+    plain, pos, neg = conds()
+    ad = engine[0].init_adapter_from_unet(tiny_model.get_model_object("diffusion_model"), rank=4, prompt_schedule=True)
+    perturb(ad)
+    force_router(ad, True)
+    fused = plain.clone()
+    fused[3] += 2.0
+    fresh = sample(comfy, engine[2].apply_moa(tiny_model, ad, bind(engine, plain, fused)), pos, neg)
+    ad.prompt_schedule.out.weight.data.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
+    seen, gain = [], ad.prompt_schedule.gain
+    ad.prompt_schedule.gain = lambda timesteps, layer: seen.append((timesteps.tolist(), layer)) or gain(timesteps, layer)
+    scheduled = sample(comfy, engine[2].apply_moa(tiny_model, ad, bind(engine, plain, fused)), pos, neg)
+    sampling = tiny_model.get_model_object("model_sampling")
+    steps = sampling.timestep(calculate_sigmas(sampling, "normal", STEPS)[:-1]).tolist()
+    attn2 = [i for i, s in enumerate(ad.config.layers) if s.kind == "attn2"]
+    assert seen == [([t], layer) for t in steps for layer in attn2]
+    assert (scheduled - fresh).abs().max() > 1e-3, "the trained schedule changed nothing"
+
+
 def tiny_controlnet(unet_config: dict, seed: int = 5):
     """A ControlNet of the tiny UNet's shape, through ComfyUI's own classes."""
     import comfy.cldm.cldm

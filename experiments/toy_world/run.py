@@ -54,6 +54,7 @@ class ToyConfig:
     expert: str = "lowrank"
     rank: int = 16
     identity_tokens: int = 1             # fused tokens per subject (the trainer's --identity-tokens)
+    prompt_schedule: bool = False        # the trainer's --prompt-schedule
     sample_steps: int = 20               # txt2img: KSampler's steps, cfg, sampler and scheduler
     cfg_scale: float = 3.0
     sampler: str = "ddim"
@@ -265,7 +266,7 @@ def table(results: dict) -> str:
 def train_config(cfg: ToyConfig, base_path: Path, adapter_dir: Path, eval_examples: int) -> TrainConfig:
     return TrainConfig(base=base_path, clip_vision=Path("toy-encoder"), data=Path("toy-world"),
                        output_dir=adapter_dir, expert=cfg.expert, rank=cfg.rank, resolution=world.SIZE * 8,
-                       identity_tokens=cfg.identity_tokens,
+                       identity_tokens=cfg.identity_tokens, prompt_schedule=cfg.prompt_schedule,
                        batch_size=cfg.batch_size, lr=cfg.lr, steps=cfg.steps, seed=cfg.seed, checkpoint_every=0,
                        log_every=10, eval_examples=eval_examples, force=True, device="cpu", **cfg.loss)
 
@@ -373,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-file", type=Path, default=Path("runs/toy_base.safetensors"),
                    help="cached base model (trained when missing or of another config)")
     for k, v in asdict(d).items():
-        if k not in ("loss", "base"):
+        if isinstance(v, bool):
+            p.add_argument(f"--{k.replace('_', '-')}", action="store_true")
+        elif k not in ("loss", "base"):
             p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     for k in LOSS_OPTIONS:
         p.add_argument(f"--{k.replace('_', '-')}", type=type(getattr(td, k)), default=getattr(td, k),

@@ -106,8 +106,9 @@ def _latent_regions(regions: list[torch.Tensor | None], latent_hw: tuple[int, in
 
 def build_call_state(context: torch.Tensor, transformer_options: dict, bindings: list[SubjectBinding],
                      settings: MoASettings, observers: tuple[Observer, ...],
-                     latent_hw: tuple[int, int]) -> CallState | None:
-    """None when no row of this call is personalized (then every layer runs the prior only)."""
+                     latent_hw: tuple[int, int], timesteps: torch.Tensor | None = None) -> CallState | None:
+    """None when no row of this call is personalized (then every layer runs the prior only).
+    `timesteps` [B]: the UNet's timestep per row (an adapter with a prompt schedule reads it)."""
     sigmas = transformer_options.get("sigmas")
     if sigmas is not None and not settings.active_at(float(sigmas.reshape(-1)[0])):
         return None
@@ -139,8 +140,10 @@ def build_call_state(context: torch.Tensor, transformer_options: dict, bindings:
         union = subject_regions.sum(dim=1, keepdim=True).clamp(0, 1)
     else:
         union = _latent_regions(regions, latent_hw, context.device)
-    return CallState(rows=torch.tensor(rows, dtype=torch.long, device=context.device),
+    index = torch.tensor(rows, dtype=torch.long, device=context.device)
+    return CallState(rows=index,
                      personal_context=stack_prompts(contexts, context.shape[1]), regions=union,
                      latent_index=latent_index, settings=settings, latent_hw=latent_hw, latent_batch=chunk,
                      observers=observers, token_grid=comfy_token_grid(latent_hw),
-                     subject_contexts=subject_contexts, subject_regions=subject_regions)
+                     subject_contexts=subject_contexts, subject_regions=subject_regions,
+                     timesteps=None if timesteps is None else timesteps.to(context.device)[index])

@@ -71,7 +71,7 @@ class MoAController:
 
     def diffusion_model_wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         state = build_call_state(context, transformer_options, self.bindings, self.settings,
-                                 (self.recorder,), (int(x.shape[-2]), int(x.shape[-1])))
+                                 (self.recorder,), (int(x.shape[-2]), int(x.shape[-1])), timesteps)
         if state is None:
             self._maybe_warn(context, transformer_options)
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)

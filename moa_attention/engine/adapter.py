@@ -11,6 +11,7 @@ from .bases import BASES, SDXL
 from .errors import ModelMismatchError
 from .experts import PersonalExpert
 from .fusion import FusionMLP
+from .prompt_schedule import PromptSchedule
 from .router import FRESH_PRIOR_MARGIN, Router
 from .unet_layers import LayerSpec, find_attention_layers, get_submodule
 
@@ -34,6 +35,7 @@ class AdapterConfig:
     image_dim: int = 768
     fusion_hidden: int = 768
     identity_tokens: int = 1          # fused tokens per subject (fusion.py)
+    prompt_schedule: bool = False     # the fused prompt conditioned on timestep and layer (prompt_schedule.py)
     training: dict = field(default_factory=dict)
 
 
@@ -52,8 +54,15 @@ def text_streams(config: AdapterConfig) -> tuple[int, ...]:
 
 
 class MoALayerWeights(nn.Module):
-    def __init__(self, spec: LayerSpec, expert: str, rank: int) -> None:
+    """One attention layer's router and expert. `index` (the layer's place in the adapter) and
+    `schedule` (the adapter's prompt schedule, or None) let its cross-attention read the
+    schedule; the schedule is held, not registered, so its weights are stored once, under the
+    adapter."""
+
+    def __init__(self, spec: LayerSpec, expert: str, rank: int, index: int = 0) -> None:
         super().__init__()
+        self.index = index
+        self.schedule: PromptSchedule | None = None
         self.router = Router(spec.query_dim)
         dims = {"to_q": (spec.query_dim, spec.inner_dim), "to_k": (spec.context_dim, spec.inner_dim),
                 "to_v": (spec.context_dim, spec.inner_dim), "to_out": (spec.inner_dim, spec.query_dim)}
@@ -64,10 +73,14 @@ class MoAAdapter(nn.Module):
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleDict({module_key(s.path): MoALayerWeights(s, config.expert, config.rank)
-                                     for s in config.layers})
+        self.layers = nn.ModuleDict({module_key(s.path): MoALayerWeights(s, config.expert, config.rank, i)
+                                     for i, s in enumerate(config.layers)})
         self.fusion = FusionMLP(config.text_dim, config.image_dim, config.fusion_hidden, text_streams(config),
                                 config.identity_tokens)
+        self.prompt_schedule = (PromptSchedule(len(config.layers), config.text_dim)
+                                if config.prompt_schedule else None)
+        for weights in self.layers.values():
+            object.__setattr__(weights, "schedule", self.prompt_schedule)
 
     def layer(self, path: str) -> MoALayerWeights:
         return self.layers[module_key(path)]
@@ -95,4 +108,6 @@ def init_adapter_from_unet(diffusion_model: nn.Module, expert: str = "lowrank", 
         weights.expert.reset_fresh({"to_q": prior.to_q, "to_k": prior.to_k, "to_v": prior.to_v,
                                     "to_out": prior.to_out[0]}, gen)
     adapter.fusion.reset_fresh(gen)
+    if adapter.prompt_schedule is not None:
+        adapter.prompt_schedule.reset_fresh(gen)
     return adapter

@@ -12,6 +12,9 @@ Keys (PATH is the attention module's path inside the diffusion model, for exampl
     fusion.norm.weight [T]  fusion.norm.bias [T]
     fusion.fc1.weight [H, T+I]  fusion.fc1.bias [H]  fusion.fc2.weight [K*T, H]  fusion.fc2.bias [K*T]
                        (K = identity tokens per subject, 1 unless the header says otherwise)
+    with a prompt schedule (format 4, header "moa.prompt_schedule" = "timestep_layer"):
+    prompt_schedule.time.weight [W, 2F]  .time.bias [W]  prompt_schedule.layer.weight [layers, W]
+    prompt_schedule.out.weight [T, W]  .out.bias [T]     (prompt_schedule.py; W = 128, F = 32)
 
 Header metadata (all strings, as safetensors requires): see METADATA_KEYS. Reading never
 unpickles anything: a file that is not safetensors is refused, not "tried with torch.load".
@@ -35,17 +38,22 @@ from .unet_layers import LayerSpec
 
 FORMAT_NAME = "comfyui-moa"
 #: the newest format this pack reads
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: the format each base's files are written in: SD1.5 files stay version 1 (every release reads
 #: them); SDXL files are version 2, so a pack without SDXL support asks for an update
 BASE_FORMAT_VERSION = {"sd15": 1, "sdxl": 2}
 #: files with several identity tokens per subject are version 3, so an older pack asks for an
 #: update instead of failing on the fusion's shape
 IDENTITY_TOKENS_VERSION = 3
+#: files whose prompt depends on the timestep and layer are version 4: an older pack would run
+#: them without the schedule
+PROMPT_SCHEDULE_VERSION = 4
+PROMPT_SCHEDULE = "timestep_layer"
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 METADATA_KEYS = ("moa.format", "moa.format_version", "moa.base", "moa.expert", "moa.rank",
                  "moa.image_encoder", "moa.image_dim", "moa.text_dim", "moa.fusion_hidden",
-                 "moa.layers", "moa.training", "moa.text_streams", "moa.identity_tokens")
+                 "moa.layers", "moa.training", "moa.text_streams", "moa.identity_tokens",
+                 "moa.prompt_schedule")
 
 
 def _module_to_file_key(key: str) -> str:
@@ -63,9 +71,12 @@ def file_state_dict(adapter: MoAAdapter) -> dict[str, torch.Tensor]:
 
 
 def format_version(config: AdapterConfig) -> int:
-    """The oldest format that holds this adapter: its base's, or 3 with several identity tokens."""
+    """The oldest format that holds this adapter: its base's, 3 with several identity tokens, 4
+    with a prompt schedule."""
     version = BASE_FORMAT_VERSION.get(config.base, FORMAT_VERSION)
-    return max(version, IDENTITY_TOKENS_VERSION) if config.identity_tokens > 1 else version
+    if config.identity_tokens > 1:
+        version = max(version, IDENTITY_TOKENS_VERSION)
+    return max(version, PROMPT_SCHEDULE_VERSION) if config.prompt_schedule else version
 
 
 def metadata_of(config: AdapterConfig) -> dict[str, str]:
@@ -77,6 +88,8 @@ def metadata_of(config: AdapterConfig) -> dict[str, str]:
         if version >= 2 and config.base in BASES else {}
     if version >= IDENTITY_TOKENS_VERSION:
         later["moa.identity_tokens"] = str(config.identity_tokens)
+    if version >= PROMPT_SCHEDULE_VERSION:
+        later["moa.prompt_schedule"] = PROMPT_SCHEDULE if config.prompt_schedule else "none"
     return {
         "moa.format": FORMAT_NAME,
         "moa.format_version": str(version),
@@ -134,6 +147,7 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
             image_encoder=meta["moa.image_encoder"], text_dim=int(meta["moa.text_dim"]),
             image_dim=int(meta["moa.image_dim"]), fusion_hidden=int(meta["moa.fusion_hidden"]),
             identity_tokens=int(meta.get("moa.identity_tokens", "1")),
+            prompt_schedule=_prompt_schedule(path, meta, version),
             training=json.loads(meta.get("moa.training") or "{}"))
     except (KeyError, ValueError, TypeError) as e:
         raise _fail(path, f"its header metadata is incomplete or malformed ({type(e).__name__}: {e})",
@@ -154,6 +168,16 @@ def _config_from_metadata(path: Path, meta: dict[str, str]) -> AdapterConfig:
                           f"(an adapter of another base model?)",
                     f"Use an adapter trained on an {base.label} checkpoint")
     return config
+
+
+def _prompt_schedule(path: Path, meta: dict[str, str], version: int) -> bool:
+    """Whether the header asks for a prompt schedule; only format 4 headers may."""
+    name = meta.get("moa.prompt_schedule", "none")
+    if name not in ("none", PROMPT_SCHEDULE) or (name != "none" and version < PROMPT_SCHEDULE_VERSION):
+        raise _fail(path, f"prompt schedule {name!r} in a format {version} header ('none', or "
+                          f"'{PROMPT_SCHEDULE}' from format {PROMPT_SCHEDULE_VERSION} on)",
+                    "Re-export the adapter with the MoA trainer")
+    return name == PROMPT_SCHEDULE
 
 
 def _check_base_format(path: Path, meta: dict[str, str], base: Base, version: int) -> None:

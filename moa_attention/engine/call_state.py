@@ -78,12 +78,15 @@ class CallState:
     # to subject_contexts[:, s] (the prompt with only subject s's tokens fused); None = one context
     subject_contexts: torch.Tensor | None = None   # [R, S, L, D]
     subject_regions: torch.Tensor | None = None    # [R, S, H, W], disjoint
+    # the UNet timestep of each personalized row: an adapter with a prompt schedule needs it
+    timesteps: torch.Tensor | None = None          # [R]
     _region_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def whole_batch(cls, personal_context: torch.Tensor, latent_hw: tuple[int, int],
                     settings: MoASettings | None = None, observers: tuple[Observer, ...] = (),
-                    regions: torch.Tensor | None = None, first_row: int = 0) -> "CallState":
+                    regions: torch.Tensor | None = None, first_row: int = 0,
+                    timesteps: torch.Tensor | None = None) -> "CallState":
         """Every latent of a batch personalized, latent i with personal_context[i] ([B, L, D]),
         as the trainer and plain-torch samplers run the UNet: its rows first_row ..
         first_row + B - 1 (first_row = B when the batch is [uncond, cond] for guidance)."""
@@ -91,7 +94,7 @@ class CallState:
         return cls(rows=torch.arange(first_row, first_row + b, device=personal_context.device),
                    personal_context=personal_context, regions=regions, latent_index=list(range(b)),
                    settings=settings or MoASettings(), latent_hw=(int(latent_hw[0]), int(latent_hw[1])),
-                   latent_batch=b, observers=tuple(observers))
+                   latent_batch=b, observers=tuple(observers), timesteps=timesteps)
 
     def grid(self, n_tokens: int, transformer_options: dict) -> tuple[int, int]:
         if self.token_grid is not None:

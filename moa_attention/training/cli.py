@@ -67,6 +67,9 @@ def _add_loss_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     x.add_argument("--identity-tokens", type=int, default=d.identity_tokens,
                    help="fused identity tokens per subject: 1 replaces the class word (the paper's design); more "
                         "add tokens after the prompt that each subject pixel can choose between")
+    x.add_argument("--prompt-schedule", action="store_true",
+                   help="condition the fused prompt on the timestep and the UNet layer, as the paper does: each "
+                        "layer and noise level reads its own channels of the identity (adapter format 4)")
     x.add_argument("--router-margin", type=float, default=d.router_margin,
                    help="a fresh router's logit margin towards the prior (4: share 0.018)")
     x.add_argument("--subject-x0-weight", type=float, default=d.subject_x0_weight,

@@ -26,6 +26,7 @@ class TrainConfig:
     expert: str = "lowrank"                      # "full" as in the paper; "lowrank" a rank-r delta, far smaller
     rank: int = 64
     identity_tokens: int = 1                     # fused tokens per subject (1: FastComposer's and the paper's)
+    prompt_schedule: bool = False                # the fused prompt conditioned on timestep and layer (the paper's)
     resolution: int | None = None                # None: the base's (SD1.5 512 as the paper, SDXL 1024)
     batch_size: int = 1                          # per process
     grad_accum: int = 1

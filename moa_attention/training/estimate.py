@@ -60,7 +60,8 @@ def measure_steps(cfg: TrainConfig, diffusion_model, schedule: torch.Tensor, exa
     with borrowed_unet(diffusion_model, device) as unet:
         adapter = init_adapter_from_unet(unet, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed,
                                          router_margin=cfg.router_margin,
-                                         identity_tokens=cfg.identity_tokens).to(device).train()
+                                         identity_tokens=cfg.identity_tokens,
+                                         prompt_schedule=cfg.prompt_schedule).to(device).train()
         with moa_layers(unet, adapter, sdpa_attention), checkpointed_blocks(unet, cfg.gradient_checkpointing):
             training = prepare_run(cfg, adapter, unet, schedule, device, 0, 1, None)
             shape = tuple(examples[0].latent.shape)

@@ -231,13 +231,13 @@ def _start_adapter(cfg: TrainConfig, unet: nn.Module, device: torch.device, rank
         adapter = load_adapter(checkpoints[-1] / "adapter.safetensors")
         _check_resumed_unet(adapter, unet, checkpoints[-1])
         _check_resumed_encoder(adapter, image_encoder, checkpoints[-1])
-        _check_resumed_tokens(adapter, cfg.identity_tokens, checkpoints[-1])
+        _check_resumed_prompt(adapter, cfg, checkpoints[-1])
         adapter.requires_grad_(True)
     else:
         name, dim = image_encoder
         adapter = init_adapter_from_unet(unet, expert=cfg.expert, rank=cfg.rank, seed=cfg.seed,
                                          router_margin=cfg.router_margin, image_encoder=name, image_dim=dim,
-                                         identity_tokens=cfg.identity_tokens)
+                                         identity_tokens=cfg.identity_tokens, prompt_schedule=cfg.prompt_schedule)
     adapter.config.training = {k: str(v) for k, v in asdict(cfg).items()}
     adapter.to(device).train()
     return adapter, checkpoints[-1] if checkpoints else None
@@ -261,12 +261,18 @@ def _check_resumed_encoder(adapter: MoAAdapter, image_encoder: tuple[str, int], 
             f"--clip-vision, or train into a new --output-dir")
 
 
-def _check_resumed_tokens(adapter: MoAAdapter, identity_tokens: int, checkpoint: Path) -> None:
-    if adapter.config.identity_tokens != identity_tokens:
+def _check_resumed_prompt(adapter: MoAAdapter, cfg: TrainConfig, checkpoint: Path) -> None:
+    """The multimodal prompt's options must be the checkpoint's: they set the fusion's shape."""
+    if adapter.config.identity_tokens != cfg.identity_tokens:
         raise ModelMismatchError(
-            f"--identity-tokens is {identity_tokens}, but the checkpoint being resumed ({checkpoint}) was trained "
+            f"--identity-tokens is {cfg.identity_tokens}, but the checkpoint being resumed ({checkpoint}) was trained "
             f"with {adapter.config.identity_tokens}. Pass that run's --identity-tokens, or train into a new "
             f"--output-dir")
+    if adapter.config.prompt_schedule != cfg.prompt_schedule:
+        said = "with" if adapter.config.prompt_schedule else "without"
+        raise ModelMismatchError(
+            f"the checkpoint being resumed ({checkpoint}) was trained {said} --prompt-schedule. Resume it {said} "
+            f"--prompt-schedule, or train into a new --output-dir")
 
 
 def _checked(examples: Sequence[Example]) -> Sequence[Example]:

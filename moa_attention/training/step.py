@@ -88,9 +88,10 @@ class MoATrainStep(nn.Module):
         capture = LossCapture([identity_rows(e.positions, length, self.adapter.fusion.tokens) for e in batch])
         hw = (int(x0.shape[-2]), int(x0.shape[-1]))
         if mask_routed:
-            state = CallState.whole_batch(fused.to(dtype), hw, MASK_ROUTED, regions=masks.amax(dim=1, keepdim=True))
+            state = CallState.whole_batch(fused.to(dtype), hw, MASK_ROUTED, regions=masks.amax(dim=1, keepdim=True),
+                                          timesteps=t_m)
         else:
-            state = CallState.whole_batch(fused.to(dtype), hw, settings, observers=(capture,))
+            state = CallState.whole_batch(fused.to(dtype), hw, settings, observers=(capture,), timesteps=t_m)
         pred = self.unet(noisy_m, t_m, context=text_m, y=y, transformer_options={STATE_KEY: state}).float()
         base = None
         if with_base:

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from comfyui_moa.moa_attention.engine import adapter_file
 from comfyui_moa.moa_attention.engine.adapter import init_adapter_from_unet
@@ -21,65 +20,16 @@ from comfyui_moa.moa_attention.engine.router import apply_strength, hard_route
 from comfyui_moa.moa_attention.engine.router_maps import RouterRecorder
 from comfyui_moa.moa_attention.engine.subject_images import check_images_and_masks, crop_subject
 
-from support.sd_attention import CTX, DIM, Attention
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn1 = Attention(DIM)
-        self.attn2 = Attention(DIM, CTX)
-
-    def forward(self, x, context, transformer_options):
-        x = x + self.attn1(x, transformer_options=transformer_options)
-        return x + self.attn2(x, context=context, transformer_options=transformer_options)
-
-
-class TinyNet(nn.Module):
-    """Two levels of transformer blocks on an 8x8 and a 4x4 token grid."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList([Block(), Block()])
-
-    def forward(self, x, context, transformer_options=None):
-        opts = transformer_options or {}
-        x = self.blocks[0](x, context, opts)
-        b, n, c = x.shape
-        small = F.avg_pool2d(x.transpose(1, 2).reshape(b, c, 8, 8), 2).flatten(2).transpose(1, 2)
-        return self.blocks[1](small, context, opts)
+from support.sd_attention import CTX, DIM, Attention, TinyNet, force_router, perturb, run
 
 
 def state_for(x, fused, settings=None, regions=None, observers=()):
     return CallState.whole_batch(fused, (8, 8), settings, observers=observers, regions=regions)
 
 
-def force_router(ad, personal: bool):
-    for w in ad.layers.values():
-        w.router.fc2.weight.data.zero_()
-        w.router.fc2.bias.data = torch.tensor([-50.0, 50.0] if personal else [50.0, -50.0])
-
-
-def perturb(ad, scale=0.3):
-    g = torch.Generator().manual_seed(1)
-    for w in ad.layers.values():
-        for p in w.expert.parameters():
-            p.data.add_(torch.randn(p.shape, generator=g) * scale)
-
-
 @pytest.fixture
 def net():
     return TinyNet().eval()
-
-
-def run(net, ad, x, ctx, state):
-    uninstall = install_layers(net, ad)
-    try:
-        with torch.no_grad():
-            return net(x, ctx, {STATE_KEY: state} if state is not None else None)
-    finally:
-        uninstall()
 
 
 @pytest.mark.parametrize("expert", ["lowrank", "full"])
