@@ -434,6 +434,21 @@ def test_cubic_timestep_bias_draws_mostly_high_noise_steps():
     assert share["cubic"] == pytest.approx(0.25 ** (1 / 3), abs=0.03)
 
 
+def test_cosine_lr_schedule_decays_from_lr_to_zero_over_the_run(train_env, tmp_path):
+    """Each step's rate is a function of the step: a resumed run is on the interrupted run's
+    schedule without any scheduler state in the checkpoint. The log shows the rate each step used."""
+    from comfyui_moa.moa_attention.training.config import TrainConfig
+    from comfyui_moa.moa_attention.training.lr_schedule import learning_rate
+    cosine = TrainConfig(Path(), Path(), Path(), Path(), lr=2e-3, steps=4, lr_schedule="cosine")
+    expected = [2e-3, 1e-3 * (1 + 0.5 ** 0.5), 1e-3, 1e-3 * (1 - 0.5 ** 0.5)]
+    assert [learning_rate(cosine, step) for step in range(4)] == pytest.approx(expected, rel=1e-9)
+    assert learning_rate(cosine, 4) == pytest.approx(0.0, abs=1e-12)
+    assert {learning_rate(TrainConfig(Path(), Path(), Path(), Path(), lr=2e-3, steps=4), s) for s in range(4)} == {2e-3}
+    out = tmp_path / "cosine"
+    assert run_in_process(train_args(train_env, out, "--steps", "4", "--lr-schedule", "cosine")) == 0
+    assert [float(r["lr"]) for r in log_rows(out)] == pytest.approx(expected, rel=1e-5)
+
+
 def test_subject_x0_loss_is_the_subjects_x0_error_capped():
     from comfyui_moa.moa_attention.training.losses import subject_x0_loss
     pred = torch.zeros(2, 4, 4, 4)

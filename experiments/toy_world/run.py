@@ -73,7 +73,7 @@ class ToyConfig:
 LOSS_OPTIONS = ("router_loss_weight", "router_loss_power", "subject_route_weight", "object_loss_weight",
                 "subject_loss_weight", "background_effect_weight", "router_margin", "subject_x0_weight",
                 "effect_x0_weight", "mask_routed_weight", "x0_weight_cap", "timestep_bias",
-                "recolour_t")
+                "recolour_t", "lr_schedule")
 
 
 def get_base(cfg: ToyConfig, path: Path):

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..comfyui.bootstrap import start_comfyui
 from ..engine.errors import MoAError
 from .config import TIMESTEP_BIASES, TrainConfig
+from .lr_schedule import LR_SCHEDULES
 from .dataset import add_data_options
 
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step and process")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="constant, or cosine: decays from --lr to 0 over --steps (a resumed run follows it)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--seed", type=int, default=d.seed, help="fixes data order, noise and init")

@@ -31,6 +31,7 @@ class TrainConfig:
     batch_size: int = 1                          # per process
     grad_accum: int = 1
     lr: float = 1e-5                             # FastComposer/MoA-style fine-tuning rate
+    lr_schedule: str = "constant"                # or "cosine": from lr down to 0 over the run (lr_schedule.py)
     weight_decay: float = 1e-2
     steps: int = 1000
     seed: int = 0

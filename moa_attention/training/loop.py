@@ -38,6 +38,7 @@ from .checkpoints import STATE_FILE, checkpoint_dirs, load_trainer_state, save_c
 from .config import TrainConfig, at_base_resolution
 from .dataset import Record, read_dataset
 from .encode import Example
+from .lr_schedule import learning_rate
 from .sampling import write_sample
 from .step import AUROC_MAX_T, MoATrainStep, draw, evaluate
 from .unet import borrowed_unet, checkpointed_blocks
@@ -347,6 +348,9 @@ def one_step(training: _Training, examples: Sequence[Example], shape: tuple) -> 
             totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
     if training.world > 1:
         totals = _mean_over_ranks(totals, training.device)
+    totals["lr"] = learning_rate(cfg, training.step)
+    for group in training.optimizer.param_groups:
+        group["lr"] = totals["lr"]
     if training.scaler:
         training.scaler.step(training.optimizer)
         training.scaler.update()
@@ -412,7 +416,7 @@ class _LossLog:
     def write(self, step: int, totals: dict[str, float], seconds: float) -> None:
         if self.writer and (step % self.cfg.log_every == 0 or step == self.cfg.steps):
             self.writer.writerow({"step": step, **{k: f"{totals[k]:.6g}" for k in LOG_FIELDS if k in totals},
-                                  "lr": self.cfg.lr, "seconds": f"{seconds:.2f}"})
+                                  "seconds": f"{seconds:.2f}"})
             self.file.flush()
 
 
