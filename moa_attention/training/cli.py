@@ -14,8 +14,8 @@ from pathlib import Path
 from ..comfyui.bootstrap import start_comfyui
 from ..engine.errors import MoAError
 from .config import TIMESTEP_BIASES, TrainConfig
-from .lr_schedule import LR_SCHEDULES
 from .dataset import add_data_options
+from .lr_schedule import LR_SCHEDULES
 
 
 def build_parser() -> argparse.ArgumentParser:
