@@ -52,10 +52,12 @@ def toy_run(comfy, tmp_path_factory):
     from comfyui_moa.moa_attention.training.loop import train_adapter
     out = tmp_path_factory.mktemp("toy")
     with one_thread():
-        # the plain recipe (no EMA, eps loss, Gaussian noise): localisation and the one-step identity
-        # need a base that knows the context at the noise levels judged, not one that draws from noise
+        # the plain recipe (no EMA, eps loss, Gaussian noise, ComfyUI's GroupNorms): localisation and the
+        # one-step identity need a base that knows the context at the noise levels judged, not one that
+        # draws from noise
         bcfg = base_mod.BaseConfig(model_channels=32, levels=BASE_LEVELS, middle=False, steps=BASE_STEPS,
-                                   batch_size=8, warmup=20, lr=2e-3, ema=0.0, x0_weight_cap=0.0, low_freq_noise=0.0)
+                                   batch_size=8, warmup=20, lr=2e-3, ema=0.0, x0_weight_cap=0.0, low_freq_noise=0.0,
+                                   norm_groups=32)
         base_mod.train_base(bcfg, out / "base.safetensors", log_every=50)
         model, _ = base_mod.load_base(out / "base.safetensors", "cpu")
         train_ids = world.identities(60, 11)
@@ -273,14 +275,44 @@ def test_a_cached_base_naming_a_retired_option_is_reused_only_if_it_trained_as_n
 
 
 def test_a_cached_base_older_than_an_option_reads_as_trained_without_it(tmp_path):
-    """A base file written before low_freq_min_t existed trained with block noise at every
-    timestep: it reads as low_freq_min_t 0, which is not the current default, so the run trains
-    a new base instead of reusing it under the wrong name."""
+    """A base file written before low_freq_min_t and norm_groups existed trained with block noise
+    at every timestep and ComfyUI's 32 GroupNorm groups: it reads as such, which is not the
+    current default, so the run trains a new base instead of reusing it under the wrong name."""
     from dataclasses import asdict
 
     from experiments.toy_world import base as base_mod
     old = asdict(base_mod.BaseConfig())
-    del old["low_freq_min_t"]
+    del old["low_freq_min_t"], old["norm_groups"]
     path = _cached_base(tmp_path / "old.safetensors", old)
-    assert base_mod.cached_config(path) == base_mod.BaseConfig(low_freq_min_t=0)
+    assert base_mod.cached_config(path) == base_mod.BaseConfig(low_freq_min_t=0, norm_groups=32)
     assert base_mod.cached_config(path) != base_mod.BaseConfig()
+
+
+def test_the_base_is_built_saved_and_loaded_with_its_norm_groups(comfy, tmp_path):
+    """ComfyUI's UNet builds every GroupNorm of the base with norm_groups groups (its custom
+    operations hook), the file records the number and a loaded base has them again; the same
+    weights in ComfyUI's default 32 groups compute another prediction, so the option is used."""
+    from dataclasses import replace
+
+    from experiments.toy_world import base as base_mod
+    from experiments.toy_world import world
+
+    def groups(model) -> set[int]:
+        return {m.num_groups for m in model.diffusion_model.modules() if isinstance(m, torch.nn.GroupNorm)}
+
+    cfg = base_mod.BaseConfig(levels=1, middle=False, steps=2, batch_size=2, warmup=1)
+    assert cfg.norm_groups == 4
+    with one_thread():
+        path = base_mod.train_base(cfg, tmp_path / "base.safetensors", log_every=1)
+        loaded, stored = base_mod.load_base(path, "cpu")
+        assert stored == cfg and groups(loaded) == {4}
+        torch.nn.init.normal_(loaded.diffusion_model.out[-1].weight, generator=torch.Generator().manual_seed(1))
+        ungrouped = base_mod.build_model(replace(cfg, norm_groups=32), "cpu")
+        ungrouped.diffusion_model.load_state_dict(loaded.diffusion_model.state_dict())
+        assert groups(ungrouped) == {32}
+        x = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+        ctx = torch.stack([world.embed(world.caption_tokens("ball", "beach"))])
+        t = torch.tensor([500.0])
+        with torch.no_grad():
+            a, b = (m.diffusion_model(x, t, context=ctx) for m in (loaded, ungrouped))
+    assert float((a - b).abs().max()) > 1e-3

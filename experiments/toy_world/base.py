@@ -40,6 +40,9 @@ class BaseConfig:
     # plain noise below this timestep: where the picture shows through, block noise only teaches
     # the base to distrust an object's mean colour, which the sampler's plain noise never shifts
     low_freq_min_t: int = 500
+    # GroupNorm groups (ComfyUI builds 32): at 32 channels 32 groups are an instance norm per channel;
+    # 4 groups keep about SD1.5's channels per group (README.md, "A base with SD1.5's normalisation")
+    norm_groups: int = 4
     seed: int = 0
 
 
@@ -75,7 +78,7 @@ def build_model(cfg: BaseConfig, device: str = "auto"):
     """A ComfyUI BaseModel (SD15) with freshly initialised weights, in fp32."""
     start_comfyui(cpu=True if device == "cpu" else None)
     from comfyui_moa.moa_attention.comfyui.models import new_sd15_model
-    model = new_sd15_model(unet_config(cfg), torch.float32)
+    model = new_sd15_model(unet_config(cfg), torch.float32, norm_groups=cfg.norm_groups)
     _init(model.diffusion_model, cfg.seed)
     return model
 
@@ -191,7 +194,7 @@ def save_base(model, cfg: BaseConfig, path: Path, ema: list | None = None, param
 #: current code does: a file made with another value matches no current config
 RETIRED = {"min_snr_gamma": 0.0}
 #: options added since, with the value that files of older versions (which do not name them) used
-ADDED = {"low_freq_min_t": 0}
+ADDED = {"low_freq_min_t": 0, "norm_groups": 32}
 
 
 def _stored_config(path: Path) -> BaseConfig | None:

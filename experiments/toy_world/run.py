@@ -392,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the base UNet's model_channels (32: 1.6M parameters; 64: 5.2M)")
     p.add_argument("--base-low-freq-min-t", type=int, default=d.base.low_freq_min_t,
                    help="the base's block (offset) noise only at timesteps >= this; plain noise below")
+    p.add_argument("--base-norm-groups", type=int, default=d.base.norm_groups,
+                   help="GroupNorm groups in the base UNet (ComfyUI's default 32 is one channel each at 32 channels)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads (default: all cores; use 1 when other jobs share the cores)")
     ns = vars(p.parse_args(argv))
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if adapter_dir is not None and n_seeds > 1:
         p.error("--adapter-dir evaluates one adapter: drop --adapter-seeds")
     base_cfg = base_mod.BaseConfig(steps=ns.pop("base_steps"), model_channels=ns.pop("base_channels"),
-                                   low_freq_min_t=ns.pop("base_low_freq_min_t"))
+                                   low_freq_min_t=ns.pop("base_low_freq_min_t"), norm_groups=ns.pop("base_norm_groups"))
     loss = {k: ns.pop(k) for k in LOSS_OPTIONS}
     cfg = ToyConfig(**ns, loss=loss, base=base_cfg)
     if n_seeds <= 1:

@@ -141,11 +141,30 @@ def check_image_encoder(clip_vision, image_encoder: str, image_dim: int, label: 
                                  f"clip_vit_l14: the CLIP ViT-L/14 vision model, e.g. clip_vision_vit_l14.safetensors)")
 
 
-def new_sd15_model(unet_config: dict, dtype=None):
+def new_sd15_model(unet_config: dict, dtype=None, norm_groups: int = 32):
     """A BaseModel of the SD1.5 architecture (ComfyUI's SD15 class, eps prediction, SD1.5's noise
     schedule) with the given UNet shape, for experiments that train their own base. Its weights
-    are uninitialised: ComfyUI's ops skip torch's init, so initialise them before use."""
+    are uninitialised: ComfyUI's ops skip torch's init, so initialise them before use.
+
+    SD1.5's GroupNorms have 32 groups of 10-40 channels; in a UNet of 32 channels, 32 groups are
+    one channel each, an instance norm that a narrow base loses colours to. `norm_groups` builds
+    them through ComfyUI's custom-operations hook (as quantised-model packs do) with that many
+    groups instead."""
+    import comfy.ops
     import comfy.supported_models
     model_config = comfy.supported_models.SD15(unet_config)
     model_config.set_inference_dtype(dtype or torch.float32, None)
+    if norm_groups != 32:
+        ops = comfy.ops.pick_operations(model_config.unet_config.get("dtype"), model_config.manual_cast_dtype,
+                                        model_config=model_config)
+        model_config.custom_operations = _grouped_norm_ops(ops, norm_groups)
     return model_config.get_model({})
+
+
+def _grouped_norm_ops(ops: type, groups: int) -> type:
+    """ComfyUI's `ops` with every GroupNorm built with `groups` groups (at most one per channel)."""
+    class GroupNorm(ops.GroupNorm):
+        def __init__(self, num_groups: int, num_channels: int, *args, **kwargs) -> None:
+            super().__init__(min(groups, num_channels), num_channels, *args, **kwargs)
+
+    return type(f"{ops.__name__}_groups{groups}", (ops,), {"GroupNorm": GroupNorm})
