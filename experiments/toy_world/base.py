@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from comfyui_moa.moa_attention.comfyui.bootstrap import start_comfyui
+from comfyui_moa.moa_attention.comfyui.models import COMFYUI_NORM_GROUPS
 from comfyui_moa.moa_attention.comfyui.sampling import alphas_cumprod
 
 from . import world
@@ -194,7 +195,7 @@ def save_base(model, cfg: BaseConfig, path: Path, ema: list | None = None, param
 #: current code does: a file made with another value matches no current config
 RETIRED = {"min_snr_gamma": 0.0}
 #: options added since, with the value that files of older versions (which do not name them) used
-ADDED = {"low_freq_min_t": 0, "norm_groups": 32}
+ADDED = {"low_freq_min_t": 0, "norm_groups": COMFYUI_NORM_GROUPS}
 
 
 def _stored_config(path: Path) -> BaseConfig | None:

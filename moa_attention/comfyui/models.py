@@ -11,6 +11,8 @@ from ..engine.bases import BASES, SD15, SDXL_REFINER, Base, base_of_text_streams
 from ..engine.errors import ModelMismatchError
 
 SD15_CONTEXT_DIM = SD15.context_dim
+#: the groups ComfyUI's UNet builds every GroupNorm with
+COMFYUI_NORM_GROUPS = 32
 
 
 def _unet_config(model) -> tuple[str, dict]:
@@ -141,7 +143,7 @@ def check_image_encoder(clip_vision, image_encoder: str, image_dim: int, label: 
                                  f"clip_vit_l14: the CLIP ViT-L/14 vision model, e.g. clip_vision_vit_l14.safetensors)")
 
 
-def new_sd15_model(unet_config: dict, dtype=None, norm_groups: int = 32):
+def new_sd15_model(unet_config: dict, dtype=None, norm_groups: int = COMFYUI_NORM_GROUPS):
     """A BaseModel of the SD1.5 architecture (ComfyUI's SD15 class, eps prediction, SD1.5's noise
     schedule) with the given UNet shape, for experiments that train their own base. Its weights
     are uninitialised: ComfyUI's ops skip torch's init, so initialise them before use.
@@ -154,7 +156,7 @@ def new_sd15_model(unet_config: dict, dtype=None, norm_groups: int = 32):
     import comfy.supported_models
     model_config = comfy.supported_models.SD15(unet_config)
     model_config.set_inference_dtype(dtype or torch.float32, None)
-    if norm_groups != 32:
+    if norm_groups != COMFYUI_NORM_GROUPS:
         ops = comfy.ops.pick_operations(model_config.unet_config.get("dtype"), model_config.manual_cast_dtype,
                                         model_config=model_config)
         model_config.custom_operations = _grouped_norm_ops(ops, norm_groups)
