@@ -105,17 +105,17 @@ class MoAAttention(nn.Module):
         contexts = ([state.personal_context] if state.subject_contexts is None
                     else list(state.subject_contexts.unbind(1)))
         if self.moa.schedule is not None:
-            contexts = [self.scheduled(c, context[rows], state) for c in contexts]
+            contexts = self.scheduled(contexts, context[rows], state)
         vctx = context if value is None else value
         return [(expert.project_rows("to_k", c.to(x.dtype), self.to_k, context, rows),
                  expert.project_rows("to_v", c.to(x.dtype), self.to_v, vctx, rows)) for c in contexts]
 
-    def scheduled(self, personal: torch.Tensor, plain: torch.Tensor, state: CallState) -> torch.Tensor:
+    def scheduled(self, personals: list[torch.Tensor], plain: torch.Tensor, state: CallState) -> list[torch.Tensor]:
         """The fused prompts as this layer sees them at this call's timesteps (prompt_schedule.py)."""
         if state.timesteps is None:
             raise MoAInputError("this MoA adapter's prompt depends on the timestep, but the caller did not say "
                                 "which timestep the UNet runs at: set CallState.timesteps")
-        return self.moa.schedule.apply(personal, plain.to(personal.dtype), state.timesteps, self.moa.index)
+        return self.moa.schedule.apply_each(personals, plain.to(personals[0].dtype), state.timesteps, self.moa.index)
 
     def subject_weights(self, state: CallState, hw: tuple[int, int], like: torch.Tensor):
         """[R, S, N, 1] per-subject pixel weights when the personalized attention has one

@@ -65,7 +65,17 @@ class PromptSchedule(nn.Module):
         """personal [R, L', D] (the fused prompts, L' >= L: further identity tokens come after the
         prompt and are not scheduled), plain [R, L, D] -> the prompts this layer sees at these
         timesteps."""
+        return self.apply_each([personal], plain, timesteps, layer)[0]
+
+    def apply_each(self, personals: list[torch.Tensor], plain: torch.Tensor, timesteps: torch.Tensor,
+                   layer: int) -> list[torch.Tensor]:
+        """apply() to several fused prompts of the same rows (one per subject region), with the
+        gain of (t, layer) computed once."""
         length = plain.shape[1]
-        scale = 1.0 + self.gain(timesteps, layer).to(personal.dtype)
-        scheduled = plain + (personal[:, :length] - plain) * scale
-        return scheduled if personal.shape[1] == length else torch.cat([scheduled, personal[:, length:]], dim=1)
+        gain = self.gain(timesteps, layer)
+        out = []
+        for personal in personals:
+            scheduled = plain + (personal[:, :length] - plain) * (1.0 + gain.to(personal.dtype))
+            extra = personal[:, length:]
+            out.append(scheduled if extra.shape[1] == 0 else torch.cat([scheduled, extra], dim=1))
+        return out

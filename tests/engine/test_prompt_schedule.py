@@ -77,6 +77,20 @@ def test_a_trained_schedule_changes_the_identity_tokens_by_timestep_and_layer_an
     assert (picture(net, ad, plain, fused, timesteps) - picture(net, ad, plain, fused, timesteps.flip(0))).abs().max() > 1e-4
 
 
+def test_one_gain_serves_every_region_prompt_as_apply_would_alone():
+    ad = trained(TinyNet().eval(), True)
+    perturb_schedule(ad)
+    plain, fused = prompts(ad)
+    longer = torch.cat([fused, fused[:, POSITION:POSITION + 1] * 2.0], dim=1)   # a second identity token
+    timesteps = torch.tensor([100.0, 900.0])
+    schedule = ad.prompt_schedule
+    each = schedule.apply_each([fused, longer], plain, timesteps, 1)
+    assert torch.equal(each[0], schedule.apply(fused, plain, timesteps, 1))
+    assert torch.equal(each[1], schedule.apply(longer, plain, timesteps, 1))
+    assert torch.equal(each[1][:, 5:], longer[:, 5:]), "tokens after the prompt are not scheduled"
+    assert (each[0][:, POSITION] - fused[:, POSITION]).abs().max() > 1e-3, "the gain changed the identity token"
+
+
 def test_a_scheduled_adapter_without_timesteps_is_refused():
     net = TinyNet().eval()
     ad = trained(net, True)
